@@ -1,0 +1,137 @@
+"""The Inversion-DPO loss family and its baselines. Pure tensor code.
+
+Every loss takes per-sample squared errors (mean over latent elements) that the trainer computed, and returns a
+`LossOutput`: the loss (mean over pairs) and detached metrics. Notation (method spec, section 2):
+
+    D_i = mean (eps~_theta(x_{i-1}, tau_i) - e_i)^2            paper / official forms
+    E_i(m) = mean (eps~_m(x_i, tau_i) - e_i)^2, m in {theta, ref}  exact form
+    S = (1/N) sum_i w_i * (policy error_i - reference error_i)      (reference error is 0 in the paper forms)
+    loss = -log sigmoid(margin),  margin = -beta/2 * (S_w - S_l)   (official form: +beta/2)
+
+A pair whose margin is positive is "implicitly correct": the policy fits the winner better than the loser,
+relative to the reference.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+WEIGHTINGS = ("official", "uniform")
+LOSS_TYPES = ("inversion_dpo", "inversion_dpo_official", "inversion_dpo_exact", "diffusion_dpo", "sft")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, mean over pairs
+    metrics: dict  # name -> detached scalar tensor
+
+
+def check_choice(kind, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def timestep_weights(alphas, weighting):
+    """w_i for steps with noise levels `alphas` = a(tau_i): "official" 1 / (2 a(tau_i)), "uniform" 1.
+
+    (The released code writes the official weight as (1 - a) / (2 (1 - a) a), the same number.)
+    """
+    check_choice("timestep weighting", weighting, WEIGHTINGS)
+    alphas = torch.as_tensor(alphas, dtype=torch.float32)
+    if weighting == "uniform":
+        return torch.ones_like(alphas)
+    return 1.0 / (2.0 * alphas)
+
+
+def squared_error(prediction, target, batch_dims=1):
+    """Mean of (prediction - target)^2 over every axis after the first `batch_dims`, in float32."""
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} must match")
+    return (prediction.float() - target.float()).pow(2).flatten(batch_dims).mean(-1)
+
+
+def _as_pairs(name, errors, reference):
+    """Check a (B, N) error matrix against `reference`'s shape; no silent broadcasting."""
+    if errors.ndim != 2 or errors.shape != reference.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(errors.shape)}; expected (pairs, steps) = {tuple(reference.shape)}"
+        )
+    return errors.float()
+
+
+def trajectory_score(policy_errors, reference_errors, weights):
+    """S = (1/N) sum_i w_i * (policy_errors_i - reference_errors_i), per row: (B, N) errors, (N,) weights -> (B,)."""
+    weights = torch.as_tensor(weights, dtype=torch.float32, device=policy_errors.device)
+    if weights.shape != policy_errors.shape[-1:]:
+        raise ValueError(f"{tuple(weights.shape)} weights for {policy_errors.shape[-1]} steps; give one per step")
+    return ((policy_errors - reference_errors) * weights).mean(-1)
+
+
+def preference_loss(policy_w, reference_w, policy_l, reference_l, weights, beta, sign=-1.0):
+    """-log sigmoid(sign * beta/2 * (S_w - S_l)) averaged over pairs, with S from `trajectory_score`.
+
+    All error inputs are (B, N); sign -1 is the DPO direction (fit the winner, diverge from the loser).
+    """
+    policy_w = _as_pairs("policy winner errors", policy_w, policy_w)
+    for name, errors in (("reference winner errors", reference_w), ("policy loser errors", policy_l),
+                         ("reference loser errors", reference_l)):
+        _as_pairs(name, errors, policy_w)
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    score_w = trajectory_score(policy_w, reference_w.float(), weights)
+    score_l = trajectory_score(policy_l.float(), reference_l.float(), weights)
+    margin = sign * beta / 2 * (score_w - score_l)
+    loss = -F.logsigmoid(margin).mean()
+    metrics = {
+        "loss": loss.detach(),
+        "margin": margin.detach().mean(),
+        "implicit_accuracy": (margin.detach() > 0).float().mean(),
+        "score_w": score_w.detach().mean(),
+        "score_l": score_l.detach().mean(),
+    }
+    return LossOutput(loss, metrics)
+
+
+def inversion_dpo(policy_w, policy_l, weights, beta):
+    """Paper form. policy_* are D_i, (B, N): the trained model at x_{i-1} against the stored e_i.
+
+    The reference's own error there is exactly 0 (e_i is its prediction), so S = (1/N) sum w_i D_i and
+    loss = -log sigmoid(-beta/2 (S_w - S_l)). Its gradient is exactly 0 while theta equals the reference.
+    """
+    return preference_loss(policy_w, torch.zeros_like(policy_w), policy_l, torch.zeros_like(policy_l), weights, beta)
+
+
+def inversion_dpo_official(policy_w, policy_l, weights, beta):
+    """The released code's form: as `inversion_dpo` but minimising -log sigmoid(+beta/2 (S_w - S_l)).
+
+    The opposite sign to the paper's figure: it fits the loser and diverges from the winner. Kept only to
+    reproduce the released run.
+    """
+    zeros_w, zeros_l = torch.zeros_like(policy_w), torch.zeros_like(policy_l)
+    return preference_loss(policy_w, zeros_w, policy_l, zeros_l, weights, beta, sign=1.0)
+
+
+def inversion_dpo_exact(policy_w, reference_w, policy_l, reference_l, weights, beta):
+    """Trajectory-consistent form: Diffusion-DPO with the random noising replaced by the inversion path.
+
+    E_i(m) = mean (eps~_m(x_i, tau_i) - e_i)^2 for m = policy (policy_*) and reference (reference_*), (B, N) each;
+    S = (1/N) sum w_i (E_i(theta) - E_i(ref)); loss = -log sigmoid(-beta/2 (S_w - S_l)). Loss log 2 and a
+    non-zero gradient at theta = ref.
+    """
+    return preference_loss(policy_w, reference_w, policy_l, reference_l, weights, beta)
+
+
+def diffusion_dpo(policy_w, reference_w, policy_l, reference_l, beta):
+    """Diffusion-DPO (Wallace et al. 2023). Errors are (B,): ||eps - eps_m(x_t)||^2 at one random t per pair, the
+    same eps and t for winner and loser; loss = -log sigmoid(-beta/2 ((p_w - r_w) - (p_l - r_l)))."""
+    errors = (policy_w, reference_w, policy_l, reference_l)
+    if any(e.ndim != 1 for e in errors):
+        raise ValueError(f"diffusion_dpo takes one error per pair, (B,); got shapes {[tuple(e.shape) for e in errors]}")
+    return preference_loss(*(e.unsqueeze(1) for e in errors), weights=torch.ones(1), beta=beta)
+
+
+def sft(policy_w):
+    """Supervised fine-tuning on winners: the mean denoising error, (B,) -> scalar."""
+    loss = policy_w.float().mean()
+    return LossOutput(loss, {"loss": loss.detach()})

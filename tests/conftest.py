@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny SDXL- and SD1.x-shaped pipelines built by `tiny_models`, saved once per test session."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tiny_models import save_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory):
+    return save_tiny_pipeline("sdxl", str(tmp_path_factory.mktemp("tiny-sdxl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    return save_tiny_pipeline("sd", str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(tiny_sdxl_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+
+
+@pytest.fixture(scope="session")
+def sd_pipe(tiny_sd_path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny_sd_path)

@@ -1,0 +1,239 @@
+"""inversion.py against diffusers and against the method spec's formulas written out here."""
+
+import pytest
+import torch
+from diffusers import DDIMInverseScheduler, DDPMScheduler, EulerDiscreteScheduler
+
+from inversion import (
+    Conditioning,
+    InversionSchedule,
+    PromptEncoder,
+    ddim_invert,
+    ddim_step,
+    forward_noise,
+    guided_noise_prediction,
+    predict_on_trajectory,
+    sdxl_time_ids,
+)
+
+CAPTIONS = ["a red square", "a blue circle", "green"]
+
+
+def sdxl_encoder(pipe):
+    return PromptEncoder([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
+
+
+def sdxl_conditioning(pipe, captions=CAPTIONS):
+    batch = len(captions)
+    encoder = sdxl_encoder(pipe)
+    cond = encoder.encode(captions, [[64, 64 + 8 * b] for b in range(batch)], [[0, 4 * b] for b in range(batch)], (64, 64))
+    return cond, encoder.unconditional(cond)
+
+
+def guided_by_hand(unet, x, t, cond, uncond, g):
+    """eps~ = e_u + g (e_c - e_u) with two separate UNet calls."""
+    timesteps = torch.full((x.shape[0],), int(t))
+    e_c = unet(x, timesteps, **cond.unet_kwargs(torch.float32)).sample
+    e_u = unet(x, timesteps, **uncond.unet_kwargs(torch.float32)).sample
+    return e_u + g * (e_c - e_u)
+
+
+def test_sdxl_conditioning_matches_diffusers_pipeline(sdxl_pipe):
+    cond, uncond = sdxl_conditioning(sdxl_pipe)
+    embeds, negative, pooled, negative_pooled = sdxl_pipe.encode_prompt(
+        CAPTIONS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+    )
+    assert torch.equal(cond.prompt_embeds, embeds)
+    assert torch.equal(cond.pooled_prompt_embeds, pooled)
+    # force_zeros_for_empty_prompt: the unconditional branch is all zeros
+    assert torch.equal(uncond.prompt_embeds, negative) and not negative.any()
+    assert torch.equal(uncond.pooled_prompt_embeds, negative_pooled)
+    # each caption encoded on its own gives the same row: no caption is shared across the batch
+    for b, caption in enumerate(CAPTIONS):
+        single = sdxl_encoder(sdxl_pipe).encode([caption], [[64, 64]], [[0, 0]], (64, 64))
+        torch.testing.assert_close(single.prompt_embeds[0], cond.prompt_embeds[b], rtol=1e-5, atol=1e-6)
+
+
+def test_sdxl_time_ids_layout(sdxl_pipe):
+    ids = sdxl_time_ids([[512, 768], [1024, 1024]], [[16, 0], [0, 32]], (1024, 1024))
+    expected = torch.tensor([[512, 768, 16, 0, 1024, 1024], [1024, 1024, 0, 32, 1024, 1024]], dtype=torch.float32)
+    assert torch.equal(ids, expected)
+    reference = sdxl_pipe._get_add_time_ids(
+        (512, 768), (16, 0), (1024, 1024), dtype=torch.float32,
+        text_encoder_projection_dim=sdxl_pipe.text_encoder_2.config.projection_dim,
+    )
+    assert torch.equal(ids[:1], reference)
+
+
+def test_sd_conditioning_matches_diffusers_pipeline(sd_pipe):
+    encoder = PromptEncoder([sd_pipe.tokenizer], [sd_pipe.text_encoder])
+    cond = encoder.encode(CAPTIONS)
+    uncond = encoder.unconditional(cond)
+    embeds, negative = sd_pipe.encode_prompt(CAPTIONS, "cpu", 1, True)
+    assert cond.pooled_prompt_embeds is None and cond.time_ids is None
+    assert torch.equal(cond.prompt_embeds, embeds)
+    assert torch.equal(uncond.prompt_embeds, negative) and negative.abs().sum() > 0  # the empty caption's embedding
+
+
+def test_schedule_from_sdxl_euler_config_matches_ddim_inverse_scheduler():
+    # the keys of SDXL base 1.0's scheduler/scheduler_config.json (an Euler scheduler carrying DDIM's keys)
+    sdxl_scheduler_config = {
+        "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+        "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+        "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+    }
+    EulerDiscreteScheduler.from_config(sdxl_scheduler_config)  # a valid config for the pipeline's own sampler
+    schedule = InversionSchedule.from_scheduler_config(sdxl_scheduler_config, 80)
+    reference = DDIMInverseScheduler.from_config(sdxl_scheduler_config)
+    reference.set_timesteps(80)
+    assert torch.equal(schedule.timesteps, reference.timesteps)
+    assert schedule.timesteps[0] == 1 and schedule.timesteps[-1] == 949 and (schedule.timesteps.diff() == 12).all()
+    assert torch.equal(schedule.alphas[1:], reference.alphas_cumprod[reference.timesteps])
+    # tau_1 - 12 < 0: the level before the first step is the scheduler's final alpha, a(0) with set_alpha_to_one off
+    assert schedule.alphas[0] == reference.alphas_cumprod[0]
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_inversion_matches_ddim_inverse_scheduler_step_for_step(sdxl_pipe, guidance_scale):
+    torch.manual_seed(0)
+    cond, uncond = sdxl_conditioning(sdxl_pipe)
+    latents = torch.randn(3, 4, 8, 8)
+    num_steps = 8
+    schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, num_steps)
+    trajectory = ddim_invert(sdxl_pipe.unet, latents, cond, uncond, schedule, guidance_scale)
+    assert trajectory.latents.shape == (3, num_steps + 1, 4, 8, 8)
+    assert torch.equal(trajectory.latents[:, 0], latents)
+
+    scheduler = DDIMInverseScheduler.from_config(sdxl_pipe.scheduler.config)
+    scheduler.set_timesteps(num_steps)
+    x = latents
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            e = guided_by_hand(sdxl_pipe.unet, x, t, cond, uncond, guidance_scale)
+            x = scheduler.step(e, t, x).prev_sample
+            assert (trajectory.noise[:, i] - e).abs().max() <= 1e-5
+            assert (trajectory.latents[:, i + 1] - x).abs().max() <= 1e-5
+
+
+def test_inversion_matches_spec_formula_written_out(sd_pipe):
+    torch.manual_seed(1)
+    encoder = PromptEncoder([sd_pipe.tokenizer], [sd_pipe.text_encoder])
+    cond = encoder.encode(CAPTIONS[:2])
+    uncond = encoder.unconditional(cond)
+    latents = torch.randn(2, 4, 8, 8)
+    num_steps, g = 5, 2.0
+    trajectory = ddim_invert(
+        sd_pipe.unet, latents, cond, uncond, InversionSchedule.from_scheduler_config(sd_pipe.scheduler.config, num_steps), g
+    )
+    # scaled_linear betas, cumulative product, "leading" timesteps with steps_offset 1, a(0) before the first step
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    stride = 1000 // num_steps
+    x = latents.double()
+    with torch.no_grad():
+        for i in range(num_steps):
+            tau = i * stride + 1
+            a_prev = alpha_bar[tau - stride] if tau - stride >= 0 else alpha_bar[0]
+            a_tau = alpha_bar[tau]
+            e = guided_by_hand(sd_pipe.unet, x.float(), tau, cond, uncond, g).double()
+            x = a_tau.sqrt() * (x - (1 - a_prev).sqrt() * e) / a_prev.sqrt() + (1 - a_tau).sqrt() * e
+            assert trajectory.timesteps[i] == tau
+            assert (trajectory.latents[:, i + 1].double() - x).abs().max() <= 1e-4
+
+
+def test_ddim_steps_back_from_noise_return_the_image(sdxl_pipe):
+    torch.manual_seed(2)
+    cond, uncond = sdxl_conditioning(sdxl_pipe, CAPTIONS[:2])
+    latents = torch.randn(2, 4, 8, 8)
+    schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, 20)
+    trajectory = ddim_invert(sdxl_pipe.unet, latents, cond, uncond, schedule, 2.0)
+    x = trajectory.latents[:, -1]
+    for i in reversed(range(schedule.num_steps)):
+        x = ddim_step(x, trajectory.noise[:, i], schedule.alphas[i + 1], schedule.alphas[i])
+    assert (x - latents).abs().max() <= 1e-4
+    assert (trajectory.latents[:, -1] - latents).abs().max() > 0.1  # the walk went somewhere and came back
+
+
+def test_guidance_one_is_the_conditional_prediction_with_one_call_per_step(sdxl_pipe):
+    torch.manual_seed(3)
+    cond, uncond = sdxl_conditioning(sdxl_pipe)
+    latents = torch.randn(3, 4, 8, 8)
+    calls = []
+    hook = sdxl_pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            guided = guided_noise_prediction(sdxl_pipe.unet, latents, 501, cond, uncond, 1.0)
+            assert calls == [3]
+            conditional = sdxl_pipe.unet(latents, torch.full((3,), 501), **cond.unet_kwargs(torch.float32)).sample
+            assert torch.equal(guided, conditional)
+            calls.clear()
+            schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, 6)
+            ddim_invert(sdxl_pipe.unet, latents, cond, None, schedule, 1.0)
+            assert calls == [3] * 6
+            calls.clear()
+            ddim_invert(sdxl_pipe.unet, latents, cond, uncond, schedule, 2.0)
+            assert calls == [6] * 6  # guidance: both halves in one call per step
+    finally:
+        hook.remove()
+
+
+def test_noise_at_end_and_chunked_prediction_match_unbatched_calls(sdxl_pipe):
+    torch.manual_seed(4)
+    cond, uncond = sdxl_conditioning(sdxl_pipe, CAPTIONS[:2])
+    schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, 5)
+    trajectory = ddim_invert(
+        sdxl_pipe.unet, torch.randn(2, 4, 8, 8), cond, uncond, schedule, 2.0, with_noise_at_end=True, chunk_size=2
+    )
+    with torch.no_grad():
+        for i in range(5):
+            at_end = guided_by_hand(sdxl_pipe.unet, trajectory.latents[:, i + 1], schedule.timesteps[i], cond, uncond, 2.0)
+            torch.testing.assert_close(trajectory.noise_at_end[:, i], at_end, rtol=1e-4, atol=1e-5)
+        # the predictions at the start points reproduce the stored noise, whatever the chunking
+        for chunk_size in (1, 3, 5):
+            at_start = predict_on_trajectory(sdxl_pipe.unet, trajectory, cond, uncond, 2.0, chunk_size=chunk_size)
+            torch.testing.assert_close(at_start, trajectory.noise, rtol=1e-4, atol=1e-5)
+        subset = predict_on_trajectory(sdxl_pipe.unet, trajectory, cond, uncond, 2.0, at="end", steps=[4, 1])
+        torch.testing.assert_close(subset, trajectory.noise_at_end[:, [4, 1]], rtol=1e-4, atol=1e-5)
+
+
+def test_forward_noise_matches_ddpm_scheduler():
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    torch.manual_seed(5)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([0, 500, 999])
+    expected = scheduler.add_noise(x0, noise, timesteps)
+    torch.testing.assert_close(forward_noise(x0, noise, scheduler.alphas_cumprod[timesteps]), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_steps", [0, 1001, 2.5])
+def test_schedule_rejects_step_counts_out_of_range(sdxl_pipe, num_steps):
+    with pytest.raises(ValueError, match="from 1 to 1000"):
+        InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, num_steps)
+
+
+def test_schedule_rejects_non_epsilon_models(sdxl_pipe):
+    config = dict(sdxl_pipe.scheduler.config, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="epsilon"):
+        InversionSchedule.from_scheduler_config(config, 10)
+
+
+def test_mismatched_batch_sizes_are_errors_not_broadcasts(sdxl_pipe):
+    cond, uncond = sdxl_conditioning(sdxl_pipe)
+    with pytest.raises(ValueError, match="batch size 2 but the conditioning has 3"):
+        guided_noise_prediction(sdxl_pipe.unet, torch.randn(2, 4, 8, 8), 1, cond, uncond, 2.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        guided_noise_prediction(sdxl_pipe.unet, torch.randn(3, 4, 8, 8), 1, cond, uncond.select(slice(0, 1)), 2.0)
+    with pytest.raises(ValueError, match="one row per sample"):
+        Conditioning(torch.zeros(2, 4, 8), torch.zeros(3, 8), torch.zeros(2, 6))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        ddim_invert(sdxl_pipe.unet, torch.randn(4, 8, 8), cond, uncond, None, 2.0)
+    with pytest.raises(ValueError, match="one per sample"):
+        sdxl_encoder(sdxl_pipe).encode(CAPTIONS, [[64, 64]], [[0, 0]], (64, 64))
+    with pytest.raises(ValueError, match="list of strings"):
+        sdxl_encoder(sdxl_pipe).encode("one caption", [[64, 64]], [[0, 0]], (64, 64))
