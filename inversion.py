@@ -198,6 +198,9 @@ def guided_noise_prediction(unet, latents, timesteps, cond, uncond, guidance_sca
         raise ValueError(f"latents have batch size {batch} but the conditioning has {len(cond)}; give one per sample")
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(batch)
     dtype = _compute_dtype(unet)
+    # One memory layout for every call: convolution kernels round differently on strided or channels-last inputs,
+    # and the policy must see bit-for-bit the inputs the reference saw during inversion.
+    latents = latents.contiguous()
     if guidance_scale == 1:
         return unet(latents.to(dtype), timesteps, **cond.unet_kwargs(dtype)).sample.float()
     if uncond is None or len(uncond) != batch:
@@ -251,11 +254,21 @@ class InversionSchedule:
         scheduler = DDIMInverseScheduler.from_config(config, clip_sample=False)
         scheduler.set_timesteps(num_steps)
         timesteps = scheduler.timesteps.clone().long()
+        if int(timesteps.max()) >= num_train_timesteps:
+            raise ValueError(
+                f"{num_steps} inversion steps with steps_offset {config.get('steps_offset', 0)} reach timestep "
+                f"{int(timesteps.max())}, past the model's last ({num_train_timesteps - 1}); use fewer steps"
+            )
         alphas_cumprod = scheduler.alphas_cumprod.float()
         first_previous = int(timesteps[0]) - num_train_timesteps // num_steps
         start = alphas_cumprod[first_previous] if first_previous >= 0 else scheduler.initial_alpha_cumprod
         alphas = torch.cat([torch.as_tensor(start, dtype=torch.float32).reshape(1), alphas_cumprod[timesteps]])
         return cls(timesteps=timesteps, alphas=alphas)
+
+
+def training_alphas(scheduler_config):
+    """a(t) for every training timestep t = 0..T-1 of the model's noise schedule, (T,) float32."""
+    return DDIMInverseScheduler.from_config(dict(scheduler_config)).alphas_cumprod.float()
 
 
 def ddim_step(latents, noise, alpha_from, alpha_to):

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Inversion-DPO on SDXL with the released recipe. Run it on a GPU node from the repository root.
+#
+# Change any value through its environment variable, or append flags (they come last, so they win):
+#   DATASET_NAME=/data/pickapic_v2 OUTPUT_DIR=runs/exact bash sdxl.sh --loss_type inversion_dpo_exact
+# The released launcher's flags (--sdxl, --variant, --cache_dir, --cache_dir_model, --dataloader_num_workers) are
+# accepted, so a released command line works with only the script name changed. Set VAE= or VARIANT= (empty) to
+# leave those flags out. Several GPUs: put accelerate's flags in ACCELERATE_ARGS, e.g. "--multi_gpu --num_processes 8".
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODEL_NAME="${MODEL_NAME-stabilityai/stable-diffusion-xl-base-1.0}"
+VAE="${VAE-madebyollin/sdxl-vae-fp16-fix}"
+VARIANT="${VARIANT-fp16}"
+# Reported unavailable on the hub since 2025: see README.md, "Preference data", for mirrors and local copies.
+DATASET_NAME="${DATASET_NAME-yuvalkirstain/pickapic_v2}"
+OUTPUT_DIR="${OUTPUT_DIR-tmp-sdxl}"
+MIXED_PRECISION="${MIXED_PRECISION-bf16}"
+RESOLUTION="${RESOLUTION-1024}"
+NUM_INFERENCE_STEPS="${NUM_INFERENCE_STEPS-80}"
+BETA_DPO="${BETA_DPO-2000}"
+LEARNING_RATE="${LEARNING_RATE-1e-8}"
+LR_WARMUP_STEPS="${LR_WARMUP_STEPS-1000}"
+MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS-2000}"
+CHECKPOINTING_STEPS="${CHECKPOINTING_STEPS-200}"
+TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE-1}"
+GRADIENT_ACCUMULATION_STEPS="${GRADIENT_ACCUMULATION_STEPS-1}"
+DATALOADER_NUM_WORKERS="${DATALOADER_NUM_WORKERS-0}"
+ACCELERATE_ARGS="${ACCELERATE_ARGS-}"
+
+# shellcheck disable=SC2086  # ACCELERATE_ARGS is a list of flags
+accelerate launch --mixed_precision "$MIXED_PRECISION" $ACCELERATE_ARGS train_inversion_dpo.py \
+  --pretrained_model_name_or_path "$MODEL_NAME" \
+  ${VAE:+--pretrained_vae_model_name_or_path "$VAE"} \
+  ${VARIANT:+--variant "$VARIANT"} \
+  --dataset_name "$DATASET_NAME" \
+  --output_dir "$OUTPUT_DIR" \
+  --mixed_precision "$MIXED_PRECISION" \
+  --resolution "$RESOLUTION" \
+  --num_inference_steps "$NUM_INFERENCE_STEPS" \
+  --inversion_guidance_scale 2 \
+  --beta_dpo "$BETA_DPO" \
+  --learning_rate "$LEARNING_RATE" --scale_lr \
+  --lr_scheduler constant_with_warmup --lr_warmup_steps "$LR_WARMUP_STEPS" \
+  --max_train_steps "$MAX_TRAIN_STEPS" \
+  --checkpointing_steps "$CHECKPOINTING_STEPS" \
+  --train_batch_size "$TRAIN_BATCH_SIZE" \
+  --gradient_accumulation_steps "$GRADIENT_ACCUMULATION_STEPS" \
+  --dataloader_num_workers "$DATALOADER_NUM_WORKERS" \
+  --gradient_checkpointing \
+  --use_adafactor \
+  --sdxl \
+  "$@"

@@ -1,0 +1,278 @@
+"""train_inversion_dpo.py end to end on the tiny models, launched as a user launches it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "train_inversion_dpo.py")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def pairs_dir(tmp_path_factory):
+    """8 pairs: a red winner and a blue loser of another size, each pair with its own caption, as a jsonl manifest."""
+    folder = tmp_path_factory.mktemp("pairs")
+    rows = []
+    for i in range(8):
+        Image.new("RGB", (64, 64), (220, 30 + i, 30)).save(folder / f"winner{i}.png")
+        Image.new("RGB", (80, 64), (30, 30 + i, 220)).save(folder / f"loser{i}.png")
+        rows.append({"caption": f"shape number {i}", "chosen": f"winner{i}.png", "rejected": f"loser{i}.png"})
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def base_args(model, pairs_dir, output_dir, *extra):
+    return ["--pretrained_model_name_or_path", model, "--dataset_name", str(pairs_dir / "pairs.jsonl"),
+            "--output_dir", str(output_dir), "--resolution", "64", "--num_inference_steps", "3",
+            "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-5", "--beta_dpo", "50",
+            "--adam_weight_decay", "0", "--report_to", "none", "--seed", "0", *extra]
+
+
+def launch(args, processes=1, check=True):
+    if processes == 1:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args]
+        env = ENV
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(processes), SCRIPT, *args]
+        env = {**ENV, "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def unet_weights(folder):
+    return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def changed(before, after):
+    return [name for name in before if not torch.equal(before[name], after[name])]
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss_type", ["inversion_dpo", "inversion_dpo_official"])
+def test_paper_forms_with_an_identical_fp32_reference_do_not_move_and_warn(tiny_sdxl_path, pairs_dir, tmp_path,
+                                                                            loss_type):
+    result = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--loss_type", loss_type))
+    assert changed(unet_weights(tiny_sdxl_path), unet_weights(tmp_path)) == []
+    assert "The gradient norm is exactly 0 and the loss is log 2" in result.stderr
+    assert "--loss_type inversion_dpo_exact" in result.stderr
+    metrics = read_metrics(tmp_path)
+    assert [m["grad_norm"] for m in metrics] == [0.0, 0.0]
+    assert all(m["zero_gradient"] == 1.0 and abs(m["loss"] - 0.6931472) < 1e-6 for m in metrics)
+
+
+@pytest.mark.parametrize("loss_type", ["inversion_dpo_exact", "diffusion_dpo", "sft"])
+def test_loss_types_that_move_from_the_reference_change_the_weights(tiny_sdxl_path, pairs_dir, tmp_path, loss_type):
+    result = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--loss_type", loss_type))
+    assert "gradient norm is exactly 0" not in result.stderr
+    assert len(changed(unet_weights(tiny_sdxl_path), unet_weights(tmp_path))) > 10
+    metrics = read_metrics(tmp_path)
+    assert len(metrics) == 2 and metrics[0]["grad_norm"] > 0
+    expected_keys = {"step", "loss", "grad_norm", "lr", "zero_gradient"}
+    if loss_type != "sft":
+        expected_keys |= {"margin", "implicit_accuracy", "score_w", "score_l"}
+    assert expected_keys <= set(metrics[0])
+    config = json.loads((tmp_path / "training_config.json").read_text())
+    assert config["loss_type"] == loss_type
+
+
+def test_checkpoints_validation_and_output_layout(tiny_sdxl_path, pairs_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--loss_type", "inversion_dpo_exact",
+                     "--max_train_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
+                     "--validation_prompts", "a red square", "a blue square", "--validation_steps", "3",
+                     "--validation_num_inference_steps", "2", "--trajectory_chunk_size", "2"))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert not list(tmp_path.glob(".incomplete-*"))
+    grid = Image.open(tmp_path / "validation" / "step-000003.png")
+    assert grid.size == (64 * 2, 64 * 2)  # prompts x seeds
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+    # the final UNet and every checkpoint load as the notebook loads them
+    final = UNet2DConditionModel.from_pretrained(str(tmp_path), subfolder="unet")
+    checkpoint = UNet2DConditionModel.from_pretrained(str(tmp_path / "checkpoint-3"), subfolder="unet")
+    for (name, a), b in zip(final.state_dict().items(), checkpoint.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_lora_trains_adapters_only_and_saves_a_loadable_file(tiny_sdxl_path, pairs_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--loss_type", "inversion_dpo_exact", "--use_lora",
+                     "--rank", "4", "--learning_rate", "1e-3", "--checkpointing_steps", "2"))
+    for folder in (tmp_path, tmp_path / "checkpoint-2"):
+        state = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+        assert state and all(key.startswith("unet.") for key in state)
+        assert any("lora_B" in key and value.abs().sum() > 0 for key, value in state.items())  # it moved off zero
+    assert not (tmp_path / "unet").exists()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    image = dict(prompt="a red square", height=64, width=64, num_inference_steps=2, output_type="pt")
+    before = pipe(**image, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(str(tmp_path))
+    after = pipe(**image, generator=torch.Generator().manual_seed(0)).images
+    assert not torch.equal(before, after)
+
+
+def test_lora_with_the_paper_form_is_stuck_at_zero_and_says_so(tiny_sdxl_path, pairs_dir, tmp_path):
+    result = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--use_lora", "--max_train_steps", "1"))
+    assert "a LoRA adapter that starts at zero" in result.stderr
+    state = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert all(value.abs().sum() == 0 for key, value in state.items() if "lora_B" in key)
+
+
+def test_sd1_model_trains_through_the_same_code(tiny_sd_path, pairs_dir, tmp_path):
+    launch(base_args(tiny_sd_path, pairs_dir, tmp_path, "--loss_type", "inversion_dpo_exact", "--save_pipeline"))
+    assert len(changed(unet_weights(tiny_sd_path), unet_weights(tmp_path))) > 10
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(str(tmp_path))  # --save_pipeline wrote a whole pipeline
+
+
+def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tiny_sdxl_path, pairs_dir, tmp_path):
+    # diffusion_dpo draws noise and timesteps, random crops and flips draw too: resume must restore every RNG and
+    # the data position (step 3 of 4 per epoch, then across the epoch boundary).
+    args = ["--loss_type", "diffusion_dpo", "--train_batch_size", "2", "--max_train_steps", "6",
+            "--checkpointing_steps", "3", "--random_crop", "--learning_rate", "1e-4"]
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    launch(base_args(tiny_sdxl_path, pairs_dir, full, *args))
+
+    command = [sys.executable, SCRIPT, *base_args(tiny_sdxl_path, pairs_dir, interrupted, *args)]
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = interrupted / "checkpoint-3" / "checkpoint_complete.json"
+    while not marker.exists() and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed after its checkpoint"
+    assert marker.exists() and not (interrupted / "unet").exists()
+    # a save killed half-way: a checkpoint folder without its completion marker must never be picked up
+    (interrupted / "checkpoint-5" / "unet").mkdir(parents=True)
+    result = launch(base_args(tiny_sdxl_path, pairs_dir, interrupted, *args, "--resume_from_checkpoint", "latest"))
+    assert "ignoring" in result.stderr and "checkpoint-5" in result.stderr
+    assert "resuming from" in result.stderr and "checkpoint-3" in result.stderr
+
+    expected, resumed = unet_weights(full), unet_weights(interrupted)
+    assert changed(unet_weights(tiny_sdxl_path), expected)
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
+    steps = [m["step"] for m in read_metrics(interrupted)]
+    assert steps[-3:] == [4, 5, 6]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sdxl_path, pairs_dir, tmp_path):
+    # Adam's normalised update turns gradient elements at rounding level into full +-lr steps whose sign depends on
+    # how the batch was split; a large epsilon makes the update proportional to the gradient, so the comparison
+    # measures gradient synchronisation rather than the sign of rounding noise.
+    args = ["--loss_type", "inversion_dpo_exact", "--max_train_steps", "2", "--learning_rate", "1e-3",
+            "--adam_epsilon", "1.0", "--checkpointing_steps", "100"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(base_args(tiny_sdxl_path, pairs_dir, one, *args, "--train_batch_size", "2"))
+    launch(base_args(tiny_sdxl_path, pairs_dir, two, *args, "--train_batch_size", "1"), processes=2)
+    base, single, double = unet_weights(tiny_sdxl_path), unet_weights(one), unet_weights(two)
+    assert max((single[name] - base[name]).abs().max() for name in base) > 1e-5
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], rtol=0, atol=1e-6, msg=name)
+    # the processes really shared the batch: each saw one pair per step, and both logged the same averaged numbers
+    assert read_metrics(one)[0]["grad_norm"] == pytest.approx(read_metrics(two)[0]["grad_norm"], rel=1e-5)
+
+
+def sdxl_sh(env, *flags):
+    command = ["bash", str(ROOT / "sdxl.sh"), "--report_to", "none", *flags]
+    return subprocess.run(command, cwd=ROOT, env={**ENV, "ACCELERATE_ARGS": "--cpu --num_processes 1", **env},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_sdxl_sh_runs_the_released_recipe_with_overrides(tiny_sdxl_path, pairs_dir, tmp_path):
+    env = {"MODEL_NAME": tiny_sdxl_path, "VAE": "", "VARIANT": "", "DATASET_NAME": str(pairs_dir / "pairs.jsonl"),
+           "OUTPUT_DIR": str(tmp_path), "RESOLUTION": "64", "NUM_INFERENCE_STEPS": "3", "MAX_TRAIN_STEPS": "2",
+           "LR_WARMUP_STEPS": "0"}
+    result = sdxl_sh(env, "--learning_rate", "1e-5", "--dataloader_num_workers", "0", "--cache_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = json.loads((tmp_path / "training_config.json").read_text())
+    expected = dict(mixed_precision="bf16", use_adafactor=True, scale_lr=True, gradient_checkpointing=True,
+                    beta_dpo=2000.0, inversion_guidance_scale=2.0, lr_scheduler="constant_with_warmup",
+                    checkpointing_steps=200, loss_type="inversion_dpo", sdxl=True, learning_rate=1e-5,
+                    num_inference_steps=3, resolution=64)
+    assert {key: config[key] for key in expected} == expected
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_sdxl_sh_stops_at_once_when_the_dataset_is_gone(tiny_sdxl_path, tmp_path):
+    env = {"MODEL_NAME": tiny_sdxl_path, "VAE": "", "VARIANT": "", "OUTPUT_DIR": str(tmp_path)}
+    result = sdxl_sh(env)  # the default dataset, yuvalkirstain/pickapic_v2, offline here as it is gone from the hub
+    assert result.returncode != 0
+    assert "pickapic_v2" in result.stderr and 'the "Preference data" section of README.md' in result.stderr
+    assert "Loading weights" not in result.stderr  # no model was loaded first
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad configuration: fails before any model loads, naming the flag
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--resolution", "60"], "--resolution 60 must be a positive multiple of 8"),
+    (["--num_inference_steps", "0"], "--num_inference_steps 0 must be from 1 to 1000"),
+    (["--num_inference_steps", "1001"], "--num_inference_steps 1001 must be from 1 to 1000"),
+    (["--rank", "4"], "--rank given without --use_lora"),
+    (["--lora_alpha", "4", "--lora_target_modules", "to_q"], "--lora_alpha, --lora_target_modules given without"),
+    (["--loss_type", "ipo"], "argument --loss_type: invalid choice: 'ipo'"),
+    (["--trajectory_chunk_size", "0"], "--trajectory_chunk_size must be at least 1"),
+])
+def test_bad_configuration_names_the_flag(extra, message, capsys):
+    from train_inversion_dpo import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_model_name_or_path", "unused", "--dataset_name", "unused", *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_readme_documents_every_flag(capsys):
+    import re
+
+    from train_inversion_dpo import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    flags = set(re.findall(r"(--[a-z0-9_]+)", capsys.readouterr().out)) - {"--help"}
+    readme = (ROOT / "README.md").read_text()
+    assert len(flags) > 50
+    assert sorted(flag for flag in flags if f"`{flag}`" not in readme) == []
+
+
+def test_missing_dataset_flag_is_named(capsys):
+    from train_inversion_dpo import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_model_name_or_path", "unused"])
+    assert "no dataset: give --dataset_name" in capsys.readouterr().err
+
+
+def test_out_of_memory_names_the_flags_that_reduce_memory(tiny_sdxl_path, pairs_dir, tmp_path, monkeypatch):
+    import train_inversion_dpo
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(train_inversion_dpo, "training_step", out_of_memory)
+    args = train_inversion_dpo.parse_args(base_args(tiny_sdxl_path, pairs_dir, tmp_path))
+    with pytest.raises(SystemExit) as error:
+        train_inversion_dpo.main(args)
+    assert "out of memory at step 1" in str(error.value)
+    assert "--trajectory_chunk_size" in str(error.value) and "--gradient_checkpointing" in str(error.value)

@@ -1,0 +1,755 @@
+#!/usr/bin/env python
+"""Inversion-DPO training for SDXL and SD1.x/2.x.
+
+    accelerate launch train_inversion_dpo.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+        --dataset_name PATH_OR_HUB_ID --output_dir out [...]
+
+Per batch of (winner, loser, caption) pairs: encode captions and images (no gradient), DDIM-invert both images with
+the frozen reference UNet, evaluate the trained UNet along the two trajectories, take one of the losses in
+`losses.py`, step. The maths lives in `inversion.py` and `losses.py`, the data in `data.py`; this file wires them.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+import losses
+from data import BadRowTracker, PreferenceDataConfig, load_preference_dataset, make_dataloader
+from inversion import (
+    Conditioning,
+    InversionSchedule,
+    PromptEncoder,
+    ddim_invert,
+    forward_noise,
+    predict_on_trajectory,
+    training_alphas,
+)
+
+logger = logging.getLogger("train_inversion_dpo")
+
+DEFAULT_BETA = {"inversion_dpo": 2000.0, "inversion_dpo_official": 2000.0, "inversion_dpo_exact": 2000.0,
+                "diffusion_dpo": 5000.0, "sft": None}
+PAPER_FORMS = ("inversion_dpo", "inversion_dpo_official")
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is ignored on resume
+MEMORY_FLAGS = ("--train_batch_size (lower, with more --gradient_accumulation_steps)", "--trajectory_chunk_size",
+                "--gradient_checkpointing", "--use_lora", "--mixed_precision bf16", "--use_adafactor",
+                "--num_inference_steps")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local diffusers folder.")
+    model.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                       help="A separate VAE (e.g. madebyollin/sdxl-vae-fp16-fix). It runs in the mixed-precision "
+                            "dtype; the model's own VAE runs in fp32.")
+    model.add_argument("--revision", default=None, help="Hub revision of the model.")
+    model.add_argument("--variant", default=None, help="Weight variant to load, e.g. fp16.")
+    model.add_argument("--cache_dir_model", default=None, help="Hub cache for model files (default: --cache_dir).")
+    model.add_argument("--sdxl", action="store_true",
+                       help="Accepted for the released launcher; SDXL is detected from the model itself.")
+
+    data = parser.add_argument_group("data (see data.py)")
+    data.add_argument("--dataset_name", default=None, help="Hub id, or a local file or folder of preference pairs.")
+    data.add_argument("--train_data_dir", default=None, help="Local folder of preference pairs.")
+    data.add_argument("--dataset_config_name", default=None, help="Configuration (subset) of a hub dataset.")
+    data.add_argument("--dataset_split", "--split", dest="dataset_split", default="train", help="Split to train on.")
+    data.add_argument("--cache_dir", default=None, help="Cache for downloaded datasets (and models, unless "
+                                                        "--cache_dir_model is given).")
+    data.add_argument("--streaming", action="store_true", help="Stream a hub dataset instead of downloading it "
+                                                               "(needs --max_train_steps).")
+    for column in ("caption", "image_0", "image_1", "label", "winner", "loser"):
+        data.add_argument(f"--{column}_column", default=None, help=f"Override the detected {column} column.")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Train on a seeded random subset of this many pairs.")
+    data.add_argument("--resolution", type=int, default=1024, help="Square training resolution, a multiple of 8.")
+    data.add_argument("--random_crop", action="store_true", help="Random instead of center crop.")
+    data.add_argument("--no_hflip", action="store_true", help="No random horizontal flips.")
+    data.add_argument("--max_bad_fraction", type=float, default=0.05,
+                      help="Stop when more than this fraction of rows has unreadable images.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0,
+                      help="Processes decoding images; 0 decodes in the training process.")
+
+    method = parser.add_argument_group("method")
+    method.add_argument("--loss_type", default="inversion_dpo", choices=losses.LOSS_TYPES,
+                        help="inversion_dpo: the paper's loss. inversion_dpo_official: the released code's sign "
+                             "(opposite to the paper; for reproduction only). inversion_dpo_exact: the "
+                             "trajectory-consistent form, which also moves from a policy equal to the reference. "
+                             "diffusion_dpo, sft: baselines.")
+    method.add_argument("--beta_dpo", type=float, default=None,
+                        help="DPO temperature (default 2000 for the inversion forms, 5000 for diffusion_dpo).")
+    method.add_argument("--num_inference_steps", type=int, default=80, help="DDIM inversion steps N.")
+    method.add_argument("--inversion_guidance_scale", type=float, default=2.0,
+                        help="Classifier-free guidance for inversion and for the policy along the trajectory; "
+                             "1 runs the conditional branch only (half the compute).")
+    method.add_argument("--timestep_weighting", default="official", choices=losses.WEIGHTINGS,
+                        help="official: w_i = 1/(2 a(tau_i)); uniform: w_i = 1.")
+    method.add_argument("--trajectory_chunk_size", type=int, default=1,
+                        help="Inversion steps per UNet call along a trajectory (K). K < N computes the gradient K "
+                             "steps at a time: the same gradient as one graph, with the memory of one chunk, for "
+                             "one extra pass without gradient. K >= N holds all N steps in one graph, as released.")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the full UNet.")
+    lora.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8).")
+    lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
+    lora.add_argument("--lora_target_modules", default=None,
+                      help="Comma-separated module names (default to_k,to_q,to_v,to_out.0).")
+
+    precision = parser.add_argument_group("precision and memory")
+    precision.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                           help="Default: accelerate's config. Trainable weights stay fp32.")
+    precision.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
+    precision.add_argument("--gradient_checkpointing", action="store_true",
+                           help="Recompute UNet activations in backward: less memory, more compute.")
+    precision.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                           help="xformers attention (default: PyTorch SDPA).")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--learning_rate", type=float, default=1e-8, help="Peak learning rate (before --scale_lr).")
+    optim.add_argument("--scale_lr", action="store_true",
+                       help="lr x gradient_accumulation_steps x train_batch_size x processes, as released.")
+    optim.add_argument("--lr_scheduler", default="constant_with_warmup",
+                       help="Any diffusers scheduler: constant, constant_with_warmup, linear, cosine, ...")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warm-up, in optimiser steps.")
+    optim.add_argument("--lr_num_cycles", type=int, default=1, help="Cycles of cosine_with_restarts.")
+    optim.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    optim.add_argument("--use_adafactor", action="store_true", help="Adafactor (the released SDXL recipe).")
+    optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Decoupled weight decay (also Adafactor's).")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip threshold; 0 turns clipping off.")
+    optim.add_argument("--train_batch_size", type=int, default=1, help="Pairs per process per micro-step.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (overrides epochs).")
+    optim.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, when --max_train_steps is not given.")
+    optim.add_argument("--seed", type=int, default=0, help="Seed of weights init (LoRA), data order, crops and noise.")
+
+    output = parser.add_argument_group("checkpoints and output")
+    output.add_argument("--output_dir", default="inversion-dpo-output", help="Where everything is written.")
+    output.add_argument("--checkpointing_steps", type=int, default=500, help="Save checkpoint-N every this many steps.")
+    output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
+    output.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint-N folder, or "latest".')
+    output.add_argument("--save_pipeline", action="store_true", help="Also save the whole pipeline in output_dir.")
+
+    logs = parser.add_argument_group("logging and validation")
+    logs.add_argument("--report_to", default=None,
+                      help='tensorboard (default when installed), wandb, all, or "none".')
+    logs.add_argument("--logging_dir", default="logs", help="Tracker logs, under output_dir.")
+    logs.add_argument("--tracker_project_name", default="inversion-dpo", help="Project name in the trackers.")
+    logs.add_argument("--validation_prompts", nargs="*", default=None,
+                      help="Prompts sampled every --validation_steps (none: no validation).")
+    logs.add_argument("--validation_steps", type=int, default=200, help="Optimiser steps between validations.")
+    logs.add_argument("--validation_seeds", type=int, nargs="+", default=[0, 1],
+                      help="One image per prompt and seed; the grid has a row per prompt.")
+    logs.add_argument("--validation_guidance_scale", type=float, default=5.0, help="Guidance for validation images.")
+    logs.add_argument("--validation_num_inference_steps", type=int, default=25, help="Sampling steps for validation.")
+
+    args = parser.parse_args(input_args)
+    validate_args(parser, args)
+    return args
+
+
+def validate_args(parser, args):
+    """Bad configurations fail here, before any model loads, with the flag named."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("no dataset: give --dataset_name (hub id or local path) or --train_data_dir (local folder)")
+    if args.resolution <= 0 or args.resolution % 8:
+        parser.error(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples by 8)")
+    if not 1 <= args.num_inference_steps <= 1000:
+        parser.error(f"--num_inference_steps {args.num_inference_steps} must be from 1 to 1000 "
+                     "(the model's training timesteps)")
+    lora_flags = [f"--{name}" for name in ("rank", "lora_alpha", "lora_target_modules") if getattr(args, name) is not None]
+    if lora_flags and not args.use_lora:
+        parser.error(f"{', '.join(lora_flags)} given without --use_lora; add --use_lora or drop them")
+    if args.trajectory_chunk_size < 1:
+        parser.error("--trajectory_chunk_size must be at least 1")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming datasets have no length: give --max_train_steps")
+    if args.use_adafactor and args.use_8bit_adam:
+        parser.error("choose one of --use_adafactor and --use_8bit_adam")
+    if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+        parser.error("--train_batch_size and --gradient_accumulation_steps must be at least 1")
+    if args.beta_dpo is None:
+        args.beta_dpo = DEFAULT_BETA[args.loss_type]
+    if args.use_lora:
+        args.rank = args.rank or 8
+        args.lora_alpha = args.lora_alpha or args.rank
+        args.lora_target_modules = args.lora_target_modules or "to_k,to_q,to_v,to_out.0"
+    if args.report_to is None:
+        args.report_to = "tensorboard" if _installed("tensorboard") else "none"
+    args.cache_dir_model = args.cache_dir_model or args.cache_dir
+
+
+def _installed(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_models(args):
+    """Tokenizers, text encoders, VAE, the policy UNet and (full fine-tune) a separate reference UNet."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    source = dict(revision=args.revision, cache_dir=args.cache_dir_model)
+    path = args.pretrained_model_name_or_path
+    unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", **source)
+    is_sdxl = unet_config.get("addition_embed_type") == "text_time"
+    if args.sdxl and not is_sdxl:
+        raise ValueError(f"--sdxl was given but {path} is not an SDXL model (its UNet has no text_time embedding)")
+    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **source)]
+    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **source)]
+    if is_sdxl:
+        tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **source))
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", variant=args.variant, **source))
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir_model)
+    else:
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **source)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **source)
+    reference = None
+    if not args.use_lora and args.loss_type != "sft":
+        reference = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **source)
+    scheduler_config = DDIMScheduler.load_config(path, subfolder="scheduler", **source)
+    return dict(tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet, reference=reference,
+                scheduler_config=scheduler_config, is_sdxl=is_sdxl)
+
+
+def add_lora(unet, args):
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                                target_modules=[m.strip() for m in args.lora_target_modules.split(",")]))
+
+
+@contextlib.contextmanager
+def reference_mode(unet):
+    """LoRA: the reference is the same UNet with its adapters switched off."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def make_optimizer(args, params):
+    if args.use_adafactor:
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay,
+                         clip_threshold=1.0, scale_parameter=False, relative_step=False)
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training micro-step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_images(vae, pixel_values):
+    """VAE latents times the scaling factor. The posterior mean: a trajectory is a function of the image alone."""
+    latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
+    return latents.float() * vae.config.scaling_factor
+
+
+def policy_errors(policy, trajectories, cond, uncond, args, at, steps):
+    """(rows, K) squared errors of the policy against the stored e_i at the trajectory points of `steps`."""
+    prediction = predict_on_trajectory(policy, trajectories, cond, uncond, args.inversion_guidance_scale, at=at,
+                                       steps=steps, chunk_size=args.trajectory_chunk_size)
+    return losses.squared_error(prediction, trajectories.noise[:, steps], batch_dims=2)
+
+
+def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weights):
+    """An Inversion-DPO loss and its gradient. `trajectories`, `cond`, `uncond`: the B winners, then the B losers.
+
+    With --trajectory_chunk_size K < N the gradient is computed chunk by chunk: pass 1 takes every policy error
+    without gradient, the loss, and dL/d(error) for each (image, step); pass 2 recomputes K steps at a time with
+    gradient and backpropagates sum(dL/d(error) * error). Same gradient as one graph, memory of one chunk; under
+    DDP only the last backward synchronises.
+    """
+    at = "end" if args.loss_type == "inversion_dpo_exact" else "start"
+    all_steps = torch.arange(trajectories.num_steps)
+    scale = 1.0 / args.gradient_accumulation_steps
+
+    def loss_of(errors):
+        errors_w, errors_l = errors.chunk(2)
+        if args.loss_type == "inversion_dpo_exact":
+            reference_w, reference_l = losses.squared_error(trajectories.noise_at_end, trajectories.noise, 2).chunk(2)
+            return losses.inversion_dpo_exact(errors_w, reference_w, errors_l, reference_l, weights, args.beta_dpo)
+        loss_fn = losses.inversion_dpo if args.loss_type == "inversion_dpo" else losses.inversion_dpo_official
+        return loss_fn(errors_w, errors_l, weights, args.beta_dpo)
+
+    chunk = args.trajectory_chunk_size
+    if chunk >= len(all_steps):
+        output = loss_of(policy_errors(policy, trajectories, cond, uncond, args, at, all_steps))
+        accelerator.backward(output.loss * scale)
+        return output
+
+    with torch.no_grad():
+        errors = policy_errors(policy, trajectories, cond, uncond, args, at, all_steps)
+    errors.requires_grad_(True)
+    with torch.enable_grad():
+        output = loss_of(errors)
+        (factor,) = torch.autograd.grad(output.loss, errors)
+    chunks = all_steps.split(chunk)
+    for index, steps in enumerate(chunks):
+        with contextlib.nullcontext() if index == len(chunks) - 1 else accelerator.no_sync(policy):
+            chunk_errors = policy_errors(policy, trajectories, cond, uncond, args, at, steps)
+            accelerator.backward((factor[:, steps] * chunk_errors).sum() * scale)
+    output.loss = output.loss.detach()
+    return output
+
+
+def noising_loss(args, accelerator, policy, reference, latents_w, latents_l, cond, alphas_cumprod, generator):
+    """diffusion_dpo and sft: one random timestep per pair, the same noise for winner and loser."""
+    batch = latents_w.shape[0]
+    device = latents_w.device
+    timesteps = torch.randint(0, len(alphas_cumprod), (batch,), generator=generator).to(device)
+    noise = torch.randn(latents_w.shape, generator=generator).to(device)
+    alphas = alphas_cumprod.to(device)[timesteps]
+    dtype = next(policy.parameters()).dtype
+    if args.loss_type == "sft":
+        prediction = policy(forward_noise(latents_w, noise, alphas).to(dtype), timesteps, **cond.unet_kwargs(dtype))
+        output = losses.sft(losses.squared_error(prediction.sample, noise))
+    else:
+        noisy = torch.cat([forward_noise(latents_w, noise, alphas), forward_noise(latents_l, noise, alphas)])
+        both = Conditioning.cat([cond, cond])
+        timesteps2 = timesteps.repeat(2)
+        policy_pred = policy(noisy.to(dtype), timesteps2, **both.unet_kwargs(dtype)).sample
+        with torch.no_grad():
+            reference_model, reference_context = reference
+            with reference_context():
+                ref_dtype = next(reference_model.parameters()).dtype
+                reference_pred = reference_model(noisy.to(ref_dtype), timesteps2, **both.unet_kwargs(ref_dtype)).sample
+        policy_w, policy_l = losses.squared_error(policy_pred, noise.repeat(2, 1, 1, 1)).chunk(2)
+        reference_w, reference_l = losses.squared_error(reference_pred, noise.repeat(2, 1, 1, 1)).chunk(2)
+        output = losses.diffusion_dpo(policy_w, reference_w, policy_l, reference_l, args.beta_dpo)
+    accelerator.backward(output.loss / args.gradient_accumulation_steps)
+    return output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints, output, validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def completed_checkpoints(output_dir):
+    """checkpoint-N folders whose save finished, oldest first."""
+    found = []
+    for entry in Path(output_dir).glob("checkpoint-*"):
+        match = CHECKPOINT_PATTERN.match(entry.name)
+        if match and (entry / CHECKPOINT_COMPLETE).is_file():
+            found.append((int(match.group(1)), entry))
+        elif match:
+            logger.warning("ignoring %s: its save did not finish (no %s)", entry, CHECKPOINT_COMPLETE)
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(accelerator, args, global_step):
+    """Write checkpoint-N atomically: into a scratch folder, then renamed once complete."""
+    final = Path(args.output_dir) / f"checkpoint-{global_step}"
+    scratch = Path(args.output_dir) / f".incomplete-checkpoint-{global_step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if args.checkpoints_total_limit is not None:
+            existing = completed_checkpoints(args.output_dir)
+            for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+                logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old, args.checkpoints_total_limit)
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(scratch))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (scratch / CHECKPOINT_COMPLETE).write_text(json.dumps({"global_step": global_step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(scratch, final)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+
+
+def register_model_hooks(accelerator, args, pipeline_class):
+    """Checkpoints hold the model in the format the notebook loads: unet/ (full) or the LoRA safetensors file."""
+    from diffusers import UNet2DConditionModel
+
+    def save_model_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        for model in models:
+            save_unet(accelerator.unwrap_model(model), args, pipeline_class, output_dir)
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        model = accelerator.unwrap_model(models.pop())
+        if args.use_lora:
+            from peft import set_peft_model_state_dict
+
+            state = pipeline_class.lora_state_dict(input_dir)[0]
+            state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+            incompatible = set_peft_model_state_dict(model, state, adapter_name="default")
+            if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
+                raise ValueError(f"unexpected LoRA keys in {input_dir}: {incompatible.unexpected_keys[:5]}")
+        else:
+            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            model.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def save_unet(unet, args, pipeline_class, folder):
+    if args.use_lora:
+        from peft.utils import get_peft_model_state_dict
+
+        pipeline_class.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+                                         safe_serialization=True)
+    else:
+        unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+
+
+def build_pipeline(models, unet, pipeline_class, scheduler_config, dtype):
+    from diffusers import DDIMScheduler
+
+    parts = dict(vae=models["vae"], unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config),
+                 text_encoder=models["text_encoders"][0], tokenizer=models["tokenizers"][0])
+    if models["is_sdxl"]:
+        parts.update(text_encoder_2=models["text_encoders"][1], tokenizer_2=models["tokenizers"][1])
+    else:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline = pipeline_class(**parts)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@torch.no_grad()
+def log_validation(accelerator, args, models, unet, pipeline_class, weight_dtype, global_step):
+    """Images for --validation_prompts x --validation_seeds, as one PNG grid and in the trackers."""
+    from diffusers.utils import make_image_grid
+
+    pipeline = build_pipeline(models, accelerator.unwrap_model(unet), pipeline_class, models["scheduler_config"],
+                              weight_dtype)
+    autocast = torch.autocast(accelerator.device.type, dtype=weight_dtype) if weight_dtype != torch.float32 \
+        else contextlib.nullcontext()
+    images = []
+    with autocast:
+        for prompt in args.validation_prompts:
+            for seed in args.validation_seeds:
+                generator = torch.Generator(device=accelerator.device).manual_seed(seed)
+                images.append(pipeline(prompt, num_inference_steps=args.validation_num_inference_steps,
+                                       guidance_scale=args.validation_guidance_scale, height=args.resolution,
+                                       width=args.resolution, generator=generator).images[0])
+    grid = make_image_grid(images, rows=len(args.validation_prompts), cols=len(args.validation_seeds))
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    grid.save(folder / f"step-{global_step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), global_step,
+                                      dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(im, caption=f"{p} / seed {s}") for im, (p, s) in zip(
+                images, [(p, s) for p in args.validation_prompts for s in args.validation_seeds])]})
+    logger.info("validation grid written to %s", folder / f"step-{global_step:06d}.png")
+
+
+def warn_zero_gradient(args, logs):
+    """Say in plain words why a step had a gradient of exactly zero, and what to do."""
+    if logs.get("margin", 0.0) != 0.0:
+        logger.warning(
+            "The gradient norm is exactly 0 with a DPO margin of %.4g: the loss has saturated in float32, so these "
+            "pairs no longer teach anything. Lower --beta_dpo or --learning_rate.", logs["margin"])
+        return
+    cause = ("a LoRA adapter that starts at zero" if args.use_lora
+             else "a policy and reference that compute identically (same weights, same precision)")
+    logger.warning(
+        "The gradient norm is exactly 0 and the loss is log 2. With --loss_type %s the policy is evaluated exactly "
+        "where the reference produced its noise, so while the policy equals the reference nothing moves; here the "
+        "cause is %s. To train, use --loss_type inversion_dpo_exact, whose gradient is not zero at the start. "
+        "(The released run moved only because its fp32 policy under bf16 autocast and its bf16 reference rounded "
+        "differently on its GPUs; here they compute identically.) See README.md, 'Zero gradient at the start'.",
+        args.loss_type, cause)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    # 1. Accelerator, logging, seed.
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        # Each process reads its own batches (a streamed dataset is split by process below), never one process
+        # reading for all: batches carry lists (captions, skipped rows) that are not split across processes.
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("diffusers", "transformers", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if accelerator.is_main_process else logging.ERROR)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "training_config.json").write_text(json.dumps(vars(args), indent=2))
+        except OSError as error:
+            raise SystemExit(f"cannot write to --output_dir {output_dir}: {error}") from error
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # 2. Data first: a missing dataset fails before minutes of model loading.
+    data_config = PreferenceDataConfig(**{f.name: getattr(args, f.name) for f in fields(PreferenceDataConfig)
+                                          if hasattr(args, f.name)})
+    data_config.hflip = not args.no_hflip
+    try:
+        dataset = load_preference_dataset(data_config)
+    except ValueError as error:  # a bad or missing dataset: say what is wrong, without a traceback
+        raise SystemExit(f"error: {error}") from None
+    if args.streaming and accelerator.num_processes > 1:
+        dataset = dataset.for_process(accelerator.process_index, accelerator.num_processes)
+    train_dataloader = make_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, seed=args.seed)
+    bad_rows = BadRowTracker(args.max_bad_fraction)
+
+    # 3. Models: frozen encoders, the policy, the frozen reference, all on the device.
+    models = load_models(args)
+    pipeline_class = StableDiffusionXLPipeline if models["is_sdxl"] else StableDiffusionPipeline
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
+    unet, reference = models["unet"], models["reference"]
+    for module in (*models["text_encoders"], models["vae"], reference):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    models["vae"].to(accelerator.device, dtype=vae_dtype)
+    for encoder in models["text_encoders"]:
+        encoder.to(accelerator.device, dtype=weight_dtype)
+    if reference is not None:
+        reference.to(accelerator.device, dtype=weight_dtype)  # stays on the device: no offloading per call
+    if args.use_lora:
+        unet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+        add_lora(unet, args)
+        cast_training_params(unet, dtype=torch.float32)
+    else:
+        unet.to(accelerator.device)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        for model in (unet, reference):
+            if model is not None:
+                model.enable_xformers_memory_efficient_attention()
+    prompt_encoder = PromptEncoder(models["tokenizers"], models["text_encoders"])
+    schedule = InversionSchedule.from_scheduler_config(models["scheduler_config"], args.num_inference_steps)
+    weights = losses.timestep_weights(schedule.alphas[1:], args.timestep_weighting).to(accelerator.device)
+    train_alphas = training_alphas(models["scheduler_config"])
+
+    # 4. Optimiser, learning-rate schedule, accelerate.
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(args, params)
+    steps_per_epoch = None
+    if not args.streaming:
+        steps_per_epoch = math.ceil(math.ceil(len(train_dataloader) / accelerator.num_processes)
+                                    / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
+                                                                          lr_scheduler)
+    if steps_per_epoch is not None:
+        steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+        num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    else:
+        num_epochs = 1
+    register_model_hooks(accelerator, args, pipeline_class)
+    # The reference: a separate frozen UNet, or (LoRA) the policy's base weights with the adapters off.
+    if args.use_lora:
+        unwrapped = accelerator.unwrap_model(unet)
+        reference = (unwrapped, lambda: reference_mode(unwrapped))
+    else:
+        reference = (reference, contextlib.nullcontext)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items()
+                                                                   if isinstance(v, (int, float, str, bool))})
+
+    # 5. Resume.
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            found = completed_checkpoints(output_dir)
+            path = found[-1] if found else None
+        else:
+            path = Path(args.resume_from_checkpoint)
+            if not (path / CHECKPOINT_COMPLETE).is_file():
+                raise SystemExit(f"--resume_from_checkpoint {path}: not a completed checkpoint folder")
+        if path is None:
+            logger.info("no completed checkpoint in %s: starting a new run", output_dir)
+        else:
+            logger.info("resuming from %s", path)
+            accelerator.load_state(str(path))
+            global_step = int(CHECKPOINT_PATTERN.match(path.name).group(1))
+            if steps_per_epoch is not None:
+                first_epoch = global_step // steps_per_epoch
+                resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+
+    # 6. Train.
+    logger.info("%d pairs per optimiser step (%d per process x %d accumulation x %d processes), %d steps, loss %s",
+                args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+                args.train_batch_size, args.gradient_accumulation_steps, accelerator.num_processes,
+                args.max_train_steps, args.loss_type)
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    metrics_file = output_dir / "metrics.jsonl"
+    step_metrics = []
+    zero_gradient_warned = False
+    unet.train()
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            if hasattr(train_dataloader, "set_epoch"):
+                train_dataloader.set_epoch(epoch)
+            batches = train_dataloader
+            if epoch == first_epoch and resume_batches:
+                batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            for batch in batches:
+                bad_rows.update(batch)
+                pairs = torch.tensor([len(batch["captions"])], device=accelerator.device)
+                if accelerator.gather(pairs).min() == 0:  # every process skips together, so DDP stays in step
+                    logger.warning("skipping a batch whose rows were all unreadable")
+                    continue
+                # Random draws are a function of the run's position, not of RNG history: a resumed run repeats them.
+                position = (args.seed, global_step, len(step_metrics), accelerator.process_index)
+                generator = torch.Generator().manual_seed(hash(position) & (2**63 - 1))
+                with accelerator.accumulate(unet):
+                    output = training_step(args, accelerator, unet, reference, prompt_encoder, models["vae"], batch,
+                                           schedule, weights, train_alphas, generator)
+                    step_metrics.append(output.metrics)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+
+                global_step += 1
+                progress.update(1)
+                logs = {k: accelerator.reduce(torch.stack([m[k] for m in step_metrics]).mean(), "mean").item()
+                        for k in step_metrics[0]}
+                step_metrics = []
+                logs.update(grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0], epoch=epoch,
+                            bad_rows=bad_rows.bad)
+                logs["zero_gradient"] = float(logs["grad_norm"] == 0.0)
+                if logs["zero_gradient"] and not zero_gradient_warned:
+                    warn_zero_gradient(args, logs)
+                    zero_gradient_warned = True
+                progress.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs.get('implicit_accuracy', 0):.2f}",
+                                     lr=f"{logs['lr']:.3g}")
+                accelerator.log(logs, step=global_step)
+                if accelerator.is_main_process:
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps({"step": global_step, **logs}) + "\n")
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, global_step)
+                if args.validation_prompts and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                    log_validation(accelerator, args, models, unet, pipeline_class, weight_dtype, global_step)
+                if global_step >= args.max_train_steps:
+                    break
+            if global_step >= args.max_train_steps:
+                break
+    except torch.OutOfMemoryError as error:
+        raise SystemExit(f"out of memory at step {global_step + 1}: {error}\nFlags that reduce memory: "
+                         + "; ".join(MEMORY_FLAGS)) from error
+
+    # 7. Save the result where the notebook and `from_pretrained` look for it.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet)
+        save_unet(final_unet, args, pipeline_class, str(output_dir))
+        if args.save_pipeline:
+            if args.use_lora:
+                final_unet = final_unet.merge_adapter() or final_unet
+            build_pipeline(models, final_unet, pipeline_class, models["scheduler_config"], weight_dtype) \
+                .save_pretrained(output_dir)
+        logger.info("training finished after %d steps; output in %s", global_step, output_dir)
+    accelerator.end_training()
+
+
+def training_step(args, accelerator, unet, reference, prompt_encoder, vae, batch, schedule, weights, train_alphas,
+                  generator):
+    """Encode, invert (reference, no gradient), evaluate the policy, backpropagate. Returns the `LossOutput`.
+
+    `generator` draws the noise and timesteps of diffusion_dpo and sft."""
+    target = (args.resolution, args.resolution)
+    latents_w = encode_images(vae, batch["pixel_values_w"])
+    latents_l = encode_images(vae, batch["pixel_values_l"])
+    cond_w = prompt_encoder.encode(batch["captions"], batch["original_sizes_w"], batch["crop_top_lefts_w"], target)
+    if args.loss_type in ("diffusion_dpo", "sft"):
+        return noising_loss(args, accelerator, unet, reference, latents_w, latents_l, cond_w, train_alphas, generator)
+    # Winner and loser share the caption; their time_ids can differ (original size, crop). One batch of 2B rows.
+    cond_l = prompt_encoder.encode(batch["captions"], batch["original_sizes_l"], batch["crop_top_lefts_l"], target)
+    cond = Conditioning.cat([cond_w, cond_l])
+    uncond = prompt_encoder.unconditional(cond)
+    reference_model, reference_context = reference
+    with reference_context():
+        trajectories = ddim_invert(reference_model, torch.cat([latents_w, latents_l]), cond, uncond, schedule,
+                                   args.inversion_guidance_scale,
+                                   with_noise_at_end=args.loss_type == "inversion_dpo_exact",
+                                   chunk_size=args.trajectory_chunk_size)
+    return trajectory_loss(args, accelerator, unet, trajectories, cond, uncond, weights)
+
+
+if __name__ == "__main__":
+    main(parse_args())
