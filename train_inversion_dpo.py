@@ -503,10 +503,10 @@ def warn_zero_gradient(args, logs):
              else "a policy and reference that compute identically (same weights, same precision)")
     logger.warning(
         "The gradient norm is exactly 0 and the loss is log 2. With --loss_type %s the policy is evaluated exactly "
-        "where the reference produced its noise, so while the policy equals the reference nothing moves; here the "
-        "cause is %s. To train, use --loss_type inversion_dpo_exact, whose gradient is not zero at the start. "
-        "(The released run moved only because its fp32 policy under bf16 autocast and its bf16 reference rounded "
-        "differently on its GPUs; here they compute identically.) See README.md, 'Zero gradient at the start'.",
+        "where the reference produced its noise, so while the policy computes what the reference computes there is "
+        "no gradient; here the cause is %s. Such a run moves only once something else makes the two differ: weight "
+        "decay (--adam_weight_decay), or rounding differences between precisions, which is what moved the released "
+        "run (fp32 policy under bf16 autocast, bf16 reference). See README.md, 'Zero gradient at the start'.",
         args.loss_type, cause)
 
 

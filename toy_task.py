@@ -1,0 +1,242 @@
+"""A toy text-to-image task with a computable preference, for the demo and the alignment benchmark.
+
+Images are 32x32: a grey background with one square, red or blue, at a random place. The toy model is the tiny
+SDXL-shaped pipeline of `tiny_models.py` with its VAE and UNet trained here, briefly and reproducibly, on that
+distribution; for the caption "a square" it draws red and blue about equally often. The preference data ranks the red
+square above the blue one, so the preference rate of a model is the fraction of its samples that are red, and
+training on the pairs should raise it. Everything runs on a CPU in about a minute; nothing is downloaded.
+
+    python toy_task.py build OUT_DIR          # the toy model (OUT_DIR/model) and pairs (OUT_DIR/pairs)
+    python toy_task.py evaluate OUT_DIR RUN   # preference rate of the base model and of a trained run
+"""
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from inversion import PromptEncoder, forward_noise, training_alphas
+from tiny_models import build_tiny_sdxl
+
+SIZE = 32
+CAPTION = "a square"
+COLOURS = {"red": (220, 40, 40), "blue": (40, 40, 220)}
+BACKGROUND = (128, 128, 128)
+COMPLETE = "complete.json"  # written last into a finished model or dataset folder
+
+
+def render(colour, rng):
+    """One 32x32 image: a square of side 10-16 px in `colour` at a random place on grey."""
+    image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    side = int(rng.integers(10, 17))
+    top, left = (int(v) for v in rng.integers(0, SIZE - side + 1, size=2))
+    image.paste(COLOURS[colour], (left, top, left + side, top + side))
+    return image
+
+
+def to_tensor(images):
+    """PIL images -> (B, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def is_red(pixels):
+    """Per image (B,): True where red dominates blue over the whole image, pixels (B, 3, H, W) in [-1, 1]."""
+    return (pixels[:, 0] - pixels[:, 2]).mean(dim=(1, 2)) > 0
+
+
+def training_images(count, seed):
+    rng = np.random.default_rng(seed)
+    colours = rng.permutation(["red", "blue"] * (count // 2))
+    return to_tensor([render(colour, rng) for colour in colours])
+
+
+def _atomic_folder(final, build):
+    """Run build(scratch) and move scratch to `final` with a completion marker; a half-built folder is never used."""
+    final = Path(final)
+    if (final / COMPLETE).is_file():
+        return final
+    scratch = final.with_name(final.name + ".incomplete")
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    build(scratch)
+    (scratch / COMPLETE).write_text(json.dumps({"size": SIZE, "caption": CAPTION}))
+    os.replace(scratch, final)
+    return final
+
+
+def train_vae(vae, images, steps, generator, progress):
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    for _ in progress(range(steps), desc="toy VAE"):
+        batch = images[torch.randint(0, len(images), (32,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.mean + 0.05 * torch.randn(posterior.mean.shape, generator=generator))
+        loss = F.mse_loss(reconstruction.sample, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return latents * vae.config.scaling_factor
+
+
+def train_unet(pipe, latents, steps, generator, progress):
+    """Epsilon-prediction training on the toy latents for the caption, with 10% unconditional (zero) captions."""
+    encoder = PromptEncoder([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
+    cond = encoder.encode([CAPTION], [[SIZE, SIZE]], [[0, 0]], (SIZE, SIZE))
+    uncond = encoder.unconditional(cond)
+    alphas = training_alphas(pipe.scheduler.config)
+    unet = pipe.unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+    batch_size = 64
+    for step in progress(range(steps), desc="toy UNet"):
+        x0 = latents[torch.randint(0, len(latents), (batch_size,), generator=generator)]
+        noise = torch.randn(x0.shape, generator=generator)
+        timesteps = torch.randint(0, len(alphas), (batch_size,), generator=generator)
+        drop = torch.rand(batch_size, generator=generator) < 0.1
+        rows = type(cond).cat([uncond if dropped else cond for dropped in drop.tolist()])
+        prediction = unet(forward_noise(x0, noise, alphas[timesteps]), timesteps, **rows.unet_kwargs(torch.float32))
+        loss = F.mse_loss(prediction.sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        for group in optimizer.param_groups:  # cosine decay to 0
+            group["lr"] = 1e-3 * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
+    unet.eval().requires_grad_(False)
+
+
+def build_model(folder, seed=0, vae_steps=200, unet_steps=700, progress=tqdm):
+    """The toy pipeline in diffusers format at `folder` (built once; a complete folder is reused)."""
+
+    def build(scratch):
+        generator = torch.Generator().manual_seed(seed)
+        pipe = build_tiny_sdxl(seed=seed)
+        images = training_images(2048, seed)
+        latents = train_vae(pipe.vae, images, vae_steps, generator, progress)
+        train_unet(pipe, latents, unet_steps, generator, progress)
+        pipe.save_pretrained(scratch)
+
+    return _atomic_folder(folder, build)
+
+
+def build_pairs(folder, count=256, seed=1):
+    """`count` pairs for the caption: a red square (winner) and a blue one (loser), as PNGs and a jsonl manifest."""
+
+    def build(scratch):
+        rng = np.random.default_rng(seed)
+        rows = []
+        for i in range(count):
+            render("red", rng).save(scratch / f"{i:05d}_red.png")
+            render("blue", rng).save(scratch / f"{i:05d}_blue.png")
+            rows.append({"caption": CAPTION, "chosen": f"{i:05d}_red.png", "rejected": f"{i:05d}_blue.png"})
+        (scratch / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    return _atomic_folder(folder, build) / "pairs.jsonl"
+
+
+def load_pipeline(model_folder, run_folder=None):
+    """The toy pipeline, with the UNet (or LoRA) of a training run's output folder when given."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_folder)
+    if run_folder is not None:
+        run_folder = Path(run_folder)
+        if (run_folder / "pytorch_lora_weights.safetensors").exists():
+            pipe.load_lora_weights(str(run_folder))
+        else:
+            pipe.unet = UNet2DConditionModel.from_pretrained(str(run_folder), subfolder="unet")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample(pipe, count, seed=0, guidance_scale=1.0, steps=20, batch_size=64, desc=None):
+    """`count` images (B, 3, 32, 32) in [-1, 1]; image k always starts from the same noise for a given seed."""
+    images = []
+    for start in tqdm(range(0, count, batch_size), desc=desc, disable=desc is None):
+        n = min(batch_size, count - start)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        out = pipe([CAPTION] * n, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=guidance_scale,
+                   generator=generator, output_type="pt").images
+        images.append(out * 2 - 1)
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def heldout_denoising_loss(pipe, count=256, seed=12345):
+    """Mean epsilon-prediction error on fresh images of both colours: does the model still fit the data?"""
+    images = training_images(count, seed)
+    latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+    generator = torch.Generator().manual_seed(seed)
+    alphas = training_alphas(pipe.scheduler.config)
+    timesteps = torch.randint(0, len(alphas), (count,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    encoder = PromptEncoder([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
+    cond = encoder.encode([CAPTION] * count, [[SIZE, SIZE]] * count, [[0, 0]] * count, (SIZE, SIZE))
+    prediction = pipe.unet(forward_noise(latents, noise, alphas[timesteps]), timesteps, **cond.unet_kwargs(torch.float32))
+    return F.mse_loss(prediction.sample, noise).item()
+
+
+def image_grid(rows, columns=16):
+    """PIL grid: one row of `columns` images per tensor in `rows`."""
+    tiles = [((row[:columns] + 1) * 127.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy() for row in rows]
+    canvas = np.full((len(rows) * (SIZE + 2), columns * (SIZE + 2), 3), 255, dtype=np.uint8)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            canvas[r * (SIZE + 2) : r * (SIZE + 2) + SIZE, c * (SIZE + 2) : c * (SIZE + 2) + SIZE] = tile
+    return Image.fromarray(canvas)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="build the toy model and the preference pairs (once)")
+    build.add_argument("out_dir")
+    evaluate = commands.add_parser("evaluate", help="preference rate before and after training")
+    evaluate.add_argument("out_dir")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--samples", type=int, default=256)
+    evaluate.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    try:
+        run(args)
+    except OSError as error:  # a read-only or full output location
+        raise SystemExit(f"error: cannot write {error.filename or args.out_dir}: {error.strerror}. "
+                         "Free some space, or choose another folder.") from None
+
+
+def run(args):
+    out_dir = Path(args.out_dir)
+    if args.command == "build":
+        print(f"toy model: {build_model(out_dir / 'model')}")
+        print(f"preference pairs: {build_pairs(out_dir / 'pairs')}")
+        return
+    results, rows = {}, []
+    for name, run_dir in (("base", None), ("tuned", args.run_dir)):
+        pipe = load_pipeline(out_dir / "model", run_dir)
+        images = sample(pipe, args.samples, seed=args.seed, desc=f"sampling {name}")
+        results[name] = {"preference_rate": is_red(images).float().mean().item(),
+                         "heldout_denoising_loss": heldout_denoising_loss(pipe)}
+        rows.append(images)
+    grid_path = Path(args.run_dir) / "before_after.png"
+    image_grid(rows).save(grid_path)
+    (Path(args.run_dir) / "preference_rate.json").write_text(json.dumps(results, indent=2))
+    print(f"preference rate (fraction of red squares in {args.samples} samples, same seeds):")
+    print(f"  base  {results['base']['preference_rate']:.1%}   tuned {results['tuned']['preference_rate']:.1%}")
+    print(f"held-out denoising loss: base {results['base']['heldout_denoising_loss']:.4f}   "
+          f"tuned {results['tuned']['heldout_denoising_loss']:.4f}")
+    print(f"before/after grid (top row base, bottom row tuned): {grid_path}")
+
+
+if __name__ == "__main__":
+    main()
