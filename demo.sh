@@ -10,7 +10,7 @@
 # DEMO_DIR chooses where everything goes (default demo_output/); extra arguments go to the trainer.
 set -euo pipefail
 cd "$(dirname "$0")"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 
 DEMO_DIR="${DEMO_DIR:-demo_output}"
 if ! mkdir -p "$DEMO_DIR" 2>/dev/null || ! touch "$DEMO_DIR/.writable" 2>/dev/null; then

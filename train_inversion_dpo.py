@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -654,6 +655,7 @@ def main(args):
     metrics_file = output_dir / "metrics.jsonl"
     step_metrics = []
     zero_gradient_warned = False
+    started = time.perf_counter()
     unet.train()
     try:
         for epoch in range(first_epoch, num_epochs):
@@ -690,7 +692,7 @@ def main(args):
                         for k in step_metrics[0]}
                 step_metrics = []
                 logs.update(grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0], epoch=epoch,
-                            bad_rows=bad_rows.bad)
+                            bad_rows=bad_rows.bad, elapsed_s=time.perf_counter() - started)
                 logs["zero_gradient"] = float(logs["grad_norm"] == 0.0)
                 if logs["zero_gradient"] and not zero_gradient_warned:
                     warn_zero_gradient(args, logs)

@@ -7,6 +7,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers warns at import that torchvision is absent (the image processors it would use are not needed here)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from tiny_models import save_tiny_pipeline  # noqa: E402
 
