@@ -287,7 +287,22 @@ class PairReader:
         return item
 
 
-class PreferenceDataset(torch.utils.data.Dataset):
+class _PairSource:
+    """What both dataset kinds share: a `reader` that makes the items and an `epoch` that seeds crops and flips."""
+
+    reader: PairReader
+    epoch: int = 0
+
+    @property
+    def resolution(self) -> int:
+        return self.reader.resolution
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: it seeds the crops and flips (and, when streaming, the shuffle buffer)."""
+        self.epoch = epoch
+
+
+class PreferenceDataset(_PairSource, torch.utils.data.Dataset):
     """Map-style preference pairs: the rows kept at load time, read, decoded and transformed on access."""
 
     def __init__(self, rows: datasets.Dataset, row_ids: np.ndarray, reader: PairReader, stats: dict):
@@ -295,15 +310,6 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.row_ids = row_ids
         self.reader = reader
         self.stats = stats
-        self.epoch = 0
-
-    @property
-    def resolution(self) -> int:
-        return self.reader.resolution
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose crops and flips items get (the order is the sampler's)."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -313,7 +319,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return self.reader(self.rows[row_id], row_id, self.epoch)
 
 
-class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
+class StreamingPreferenceDataset(_PairSource, torch.utils.data.IterableDataset):
     """Streamed preference pairs; ties and bad labels are dropped as they are read and reported with the next item."""
 
     def __init__(self, rows: datasets.IterableDataset, reader: PairReader, shuffle_buffer_size: int):
@@ -321,15 +327,6 @@ class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
         self.reader = reader
         self.shuffle_buffer_size = shuffle_buffer_size
         self.stats = {"rows": None, "ties_dropped": None, "bad_labels": None, "kept": None}
-        self.epoch = 0
-
-    @property
-    def resolution(self) -> int:
-        return self.reader.resolution
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch: it reseeds the shuffle buffer and the crops and flips."""
-        self.epoch = epoch
 
     def for_process(self, index: int, count: int) -> StreamingPreferenceDataset:
         """The part of the stream that training process `index` of `count` reads (every process reads its own)."""
