@@ -152,6 +152,23 @@ def build_tiny_sd(seed=0):
     )
 
 
+def save_tiny_clip(folder, seed=0, projection_dim=TEXT_WIDTH):
+    """A tiny CLIPModel (32 px images) and its processor, saved where `CLIPModel.from_pretrained` and
+    `AutoProcessor.from_pretrained` find them: a stand-in for PickScore or CLIP scorers in tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer("<|endoftext|>")
+    vision = dict(hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    config = CLIPConfig(text_config=_text_config(len(tokenizer)).to_dict(), vision_config=vision,
+                        projection_dim=projection_dim)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
 BUILDERS = {"sdxl": build_tiny_sdxl, "sd": build_tiny_sd}
 
 

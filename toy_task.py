@@ -145,15 +145,13 @@ def build_pairs(folder, count=256, seed=1):
 
 def load_pipeline(model_folder, run_folder=None):
     """The toy pipeline, with the UNet (or LoRA) of a training run's output folder when given."""
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    from evaluate import tuned_pipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(model_folder)
     if run_folder is not None:
-        run_folder = Path(run_folder)
-        if (run_folder / "pytorch_lora_weights.safetensors").exists():
-            pipe.load_lora_weights(str(run_folder))
-        else:
-            pipe.unet = UNet2DConditionModel.from_pretrained(str(run_folder), subfolder="unet")
+        pipe = tuned_pipeline(pipe, run_folder)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,0 +1,151 @@
+"""evaluate.py (statistics, scorers, resume) and quick_samples.ipynb, on tiny models built in code."""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from tiny_models import save_tiny_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_win_rate_counts_ties_as_half():
+    assert evaluate.wins([1, 2, 3, 4], [2, 2, 1, 5]).tolist() == [1.0, 0.5, 0.0, 1.0]
+    mean, low, high = evaluate.mean_with_interval(evaluate.wins([1, 2, 3, 4], [2, 2, 1, 5]))
+    assert mean == 0.625 and 0 <= low <= mean <= high <= 1
+    assert evaluate.mean_with_interval(np.ones(50)) == (1.0, 1.0, 1.0)  # every resample is all wins
+    with pytest.raises(ValueError, match="one base and one tuned score per pair"):
+        evaluate.wins([1, 2], [1, 2, 3])
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    # 300 wins in 400 pairs: p = 0.75, standard error sqrt(0.75 * 0.25 / 400) = 0.02165, so the 95% interval is
+    # about 0.75 -+ 1.96 * 0.02165 = [0.7076, 0.7924]
+    outcomes = np.array([1.0] * 300 + [0.0] * 100)
+    mean, low, high = evaluate.mean_with_interval(outcomes, num_resamples=8000, seed=1)
+    half_width = 1.96 * math.sqrt(0.75 * 0.25 / 400)
+    assert mean == 0.75
+    assert low == pytest.approx(0.75 - half_width, abs=0.01)
+    assert high == pytest.approx(0.75 + half_width, abs=0.01)
+
+
+@pytest.fixture(scope="module")
+def tuned_folders(sdxl_pipe, tmp_path_factory):
+    """A full fine-tune output (unet/) and a LoRA output, as the trainer writes them."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    root = tmp_path_factory.mktemp("tuned")
+    unet = copy.deepcopy(sdxl_pipe.unet)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(root / "full" / "unet")
+    lora_unet = copy.deepcopy(sdxl_pipe.unet)
+    lora_unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in lora_unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    StableDiffusionXLPipeline.save_lora_weights(root / "lora", unet_lora_layers=get_peft_model_state_dict(lora_unet))
+    return root
+
+
+def test_tuned_pipeline_loads_full_and_lora_outputs_without_touching_the_base(sdxl_pipe, tuned_folders):
+    base_state = {k: v.clone() for k, v in sdxl_pipe.unet.state_dict().items()}
+    kwargs = dict(prompt="a red square", height=64, width=64, num_inference_steps=2, output_type="pt")
+    base_image = sdxl_pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    for kind in ("full", "lora"):
+        tuned = evaluate.tuned_pipeline(sdxl_pipe, tuned_folders / kind)
+        assert tuned.text_encoder is sdxl_pipe.text_encoder and tuned.unet is not sdxl_pipe.unet
+        image = tuned(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        assert not torch.allclose(image, base_image)
+    assert all(torch.equal(v, sdxl_pipe.unet.state_dict()[k]) for k, v in base_state.items())
+
+
+def test_evaluation_scores_reports_and_resumes(tiny_sdxl_path, tuned_folders, tmp_path):
+    clip = save_tiny_clip(str(tmp_path / "clip"))
+    head = {f"layers.{i}.weight": torch.randn(o, n) for i, (n, o) in zip((0, 2, 4, 6, 7),
+                                                                          [(32, 16), (16, 8), (8, 8), (8, 4), (4, 1)])}
+    head.update({k.replace("weight", "bias"): torch.zeros(v.shape[0]) for k, v in list(head.items())})
+    from safetensors.torch import save_file
+
+    save_file(head, str(tmp_path / "aesthetic.safetensors"))
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a red square"}\n{"caption": "a blue circle"}\n')
+    out = tmp_path / "eval"
+    argv = ["--base", tiny_sdxl_path, "--tuned", str(tuned_folders / "full"), "--prompts",
+            str(tmp_path / "prompts.jsonl"), "--seeds", "0", "1", "--out_dir", str(out), "--steps", "2",
+            "--resolution", "64", "--batch_size", "3", "--device", "cpu", "--dtype", "float32",
+            "--scorers", "pickscore", "clip", "aesthetic", "hpsv2", "--pickscore_model", clip,
+            "--pickscore_processor", clip, "--clip_model", clip, "--aesthetic_head",
+            str(tmp_path / "aesthetic.safetensors"), "--aesthetic_clip_model", clip, "--bootstrap", "200"]
+    evaluate.main(evaluate.parse_args(argv))
+    report = json.loads((out / "report.json").read_text())
+    assert report["pairs"] == 4 and set(report["scorers"]) == {"pickscore", "clip", "aesthetic"}
+    assert "hpsv2 is not installed" in report["skipped_scorers"]["hpsv2"]
+    for entry in report["scorers"].values():
+        mean, low, high = entry["win_rate"]
+        assert 0 <= low <= mean <= high <= 1
+    assert "| pickscore |" in (out / "report.md").read_text()
+    assert Image.open(out / "grid.png").size == (64 * 4, 64 * 2)  # the 4 prompt-seed pairs; base row, tuned row
+    # the report's base mean is the mean of the scorer over the saved base images
+    scorer = evaluate.ClipScorer(clip, clip, "cpu")
+    jobs = [(0, "a red square", 0), (0, "a red square", 1), (1, "a blue circle", 0), (1, "a blue circle", 1)]
+    images = [Image.open(out / "images" / "base" / evaluate.image_name(job)).convert("RGB") for job in jobs]
+    expected = scorer(images, [prompt for _, prompt, _ in jobs]).mean()
+    assert report["scorers"]["pickscore"]["base_mean"][0] == pytest.approx(float(expected), rel=1e-5)
+
+    # resume: nothing is generated again
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    assert len(stamps) == 8
+    evaluate.main(evaluate.parse_args(argv))
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == stamps
+
+
+def test_a_scorer_that_cannot_run_is_reported_not_fatal():
+    args = evaluate.parse_args(["--base", "b", "--tuned", "t", "--prompts", "p.txt", "--scorers", "aesthetic",
+                                "imagereward"])
+    scorers, skipped = evaluate.scorers_from_args(args, "cpu")
+    assert scorers == {}
+    assert "--aesthetic_head" in skipped["aesthetic"]
+    assert "ImageReward is not installed" in skipped["imagereward"]
+
+
+def test_quick_samples_notebook_runs_headless(tiny_sdxl_path, tuned_folders, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "quick_samples.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # committed clean
+    clip = save_tiny_clip(str(tmp_path / "clip"))
+    for kind in ("full", "lora"):
+        parameters = next(cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
+        parameters.source = "\n".join([
+            "import torch",
+            f"BASE_MODEL = {tiny_sdxl_path!r}",
+            f"TRAINED = {str(tuned_folders / kind)!r}",
+            'PROMPTS = ["a red square", "a blue circle"]',
+            "SEEDS = [0, 1]",
+            "GUIDANCE_SCALE = 5.0",
+            "STEPS = 2",
+            "RESOLUTION = 64",
+            'DEVICE = "cpu"',
+            "DTYPE = torch.float32",
+            f"GRID_PATH = {str(tmp_path / f'grid-{kind}.png')!r}",
+            "SCORE = True",
+            f"PICKSCORE_MODEL = {clip!r}",
+            f"PICKSCORE_PROCESSOR = {clip!r}",
+        ])
+        NotebookClient(notebook, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT)}}).execute()
+        assert Image.open(tmp_path / f"grid-{kind}.png").size == (64 * 4, 64 * 2)
+        printed = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+        assert "PickScore base" in printed
