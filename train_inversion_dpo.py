@@ -34,6 +34,7 @@ from inversion import (
     predict_on_trajectory,
     training_alphas,
 )
+from trajectory_cache import TrajectoryCache, weights_fingerprint
 
 logger = logging.getLogger("train_inversion_dpo")
 
@@ -106,6 +107,17 @@ def parse_args(input_args=None):
                         help="Inversion steps per UNet call along a trajectory (K). K < N computes the gradient K "
                              "steps at a time: the same gradient as one graph, with the memory of one chunk, for "
                              "one extra pass without gradient. K >= N holds all N steps in one graph, as released.")
+
+    cache = parser.add_argument_group("trajectory cache (see trajectory_cache.py)")
+    cache.add_argument("--inversion_cache_dir", default=None,
+                       help="Keep inversion trajectories here and reuse them across epochs and runs; entries are "
+                            "keyed by the image latents, caption conditioning, reference weights and settings.")
+    cache.add_argument("--inversion_cache_dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                       help="bfloat16 halves the disk and rounds the stored noise; float32 reproduces an uncached "
+                            "run bit for bit.")
+    cache.add_argument("--fill_inversion_cache", action="store_true",
+                       help="Only fill --inversion_cache_dir for the dataset and settings (every process takes its "
+                            "share), then exit.")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the full UNet.")
@@ -184,7 +196,11 @@ def validate_args(parser, args):
         parser.error(f"{', '.join(lora_flags)} given without --use_lora; add --use_lora or drop them")
     if args.trajectory_chunk_size < 1:
         parser.error("--trajectory_chunk_size must be at least 1")
-    if args.streaming and args.max_train_steps is None:
+    if args.fill_inversion_cache and not args.inversion_cache_dir:
+        parser.error("--fill_inversion_cache needs --inversion_cache_dir")
+    if args.inversion_cache_dir and args.loss_type in ("diffusion_dpo", "sft"):
+        parser.error(f"--inversion_cache_dir caches inversions; --loss_type {args.loss_type} runs none")
+    if args.streaming and args.max_train_steps is None and not args.fill_inversion_cache:
         parser.error("--streaming datasets have no length: give --max_train_steps")
     if args.use_adafactor and args.use_8bit_adam:
         parser.error("choose one of --use_adafactor and --use_8bit_adam")
@@ -213,7 +229,7 @@ def _installed(module):
 
 
 def load_models(args):
-    """Tokenizers, text encoders, VAE, the policy UNet and (full fine-tune) a separate reference UNet."""
+    """Tokenizers, text encoders, VAE, the policy UNet and the scheduler config (the reference: `load_reference`)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -234,12 +250,42 @@ def load_models(args):
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **source)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **source)
-    reference = None
-    if not args.use_lora and args.loss_type != "sft":
-        reference = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **source)
     scheduler_config = DDIMScheduler.load_config(path, subfolder="scheduler", **source)
-    return dict(tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet, reference=reference,
+    return dict(tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet,
                 scheduler_config=scheduler_config, is_sdxl=is_sdxl)
+
+
+def load_reference(args, device, dtype):
+    """Full fine-tune: a second, frozen copy of the base UNet, kept on the device in the mixed-precision dtype."""
+    from diffusers import UNet2DConditionModel
+
+    logger.info("loading the reference UNet")
+    reference = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
+                                                     variant=args.variant, revision=args.revision,
+                                                     cache_dir=args.cache_dir_model)
+    reference.requires_grad_(False).eval().to(device, dtype=dtype)
+    if args.enable_xformers_memory_efficient_attention:
+        reference.enable_xformers_memory_efficient_attention()
+    return reference
+
+
+class Reference:
+    """The frozen reference: a separate UNet loaded on first use (with a trajectory cache, a run whose trajectories
+    are all cached never loads it), or for LoRA the policy's own UNet with its adapters switched off."""
+
+    def __init__(self, load=None, lora_unet=None):
+        self._load, self._model, self.lora_unet = load, None, lora_unet
+
+    @property
+    def model(self):
+        if self.lora_unet is not None:
+            return self.lora_unet
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+    def context(self):
+        return reference_mode(self.lora_unet) if self.lora_unet is not None else contextlib.nullcontext()
 
 
 def add_lora(unet, args):
@@ -354,10 +400,9 @@ def noising_loss(args, accelerator, policy, reference, latents_w, latents_l, con
         timesteps2 = timesteps.repeat(2)
         policy_pred = policy(noisy.to(dtype), timesteps2, **both.unet_kwargs(dtype)).sample
         with torch.no_grad():
-            reference_model, reference_context = reference
-            with reference_context():
-                ref_dtype = next(reference_model.parameters()).dtype
-                reference_pred = reference_model(noisy.to(ref_dtype), timesteps2, **both.unet_kwargs(ref_dtype)).sample
+            with reference.context():
+                ref_dtype = next(reference.model.parameters()).dtype
+                reference_pred = reference.model(noisy.to(ref_dtype), timesteps2, **both.unet_kwargs(ref_dtype)).sample
         policy_w, policy_l = losses.squared_error(policy_pred, noise.repeat(2, 1, 1, 1)).chunk(2)
         reference_w, reference_l = losses.squared_error(reference_pred, noise.repeat(2, 1, 1, 1)).chunk(2)
         output = losses.diffusion_dpo(policy_w, reference_w, policy_l, reference_l, args.beta_dpo)
@@ -566,15 +611,22 @@ def main(args):
     pipeline_class = StableDiffusionXLPipeline if models["is_sdxl"] else StableDiffusionPipeline
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
-    unet, reference = models["unet"], models["reference"]
-    for module in (*models["text_encoders"], models["vae"], reference):
-        if module is not None:
-            module.requires_grad_(False).eval()
+    unet = models["unet"]
+    for module in (*models["text_encoders"], models["vae"]):
+        module.requires_grad_(False).eval()
     models["vae"].to(accelerator.device, dtype=vae_dtype)
     for encoder in models["text_encoders"]:
         encoder.to(accelerator.device, dtype=weight_dtype)
-    if reference is not None:
-        reference.to(accelerator.device, dtype=weight_dtype)  # stays on the device: no offloading per call
+    cache = None
+    if args.inversion_cache_dir:
+        # The reference is the base UNet as loaded, computing in weight_dtype: fingerprint it before any training.
+        settings = dict(num_steps=args.num_inference_steps, guidance=args.inversion_guidance_scale,
+                        scheduler={k: v for k, v in models["scheduler_config"].items() if not k.startswith("_")},
+                        zero_unconditional=models["is_sdxl"])
+        cache = TrajectoryCache(args.inversion_cache_dir, weights_fingerprint(unet, weight_dtype), settings,
+                                args.inversion_cache_dtype)
+        if args.random_crop:
+            logger.warning("--random_crop with --inversion_cache_dir: every new crop is a new cache entry")
     if args.use_lora:
         unet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
         add_lora(unet, args)
@@ -584,9 +636,7 @@ def main(args):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
-        for model in (unet, reference):
-            if model is not None:
-                model.enable_xformers_memory_efficient_attention()
+        unet.enable_xformers_memory_efficient_attention()
     prompt_encoder = PromptEncoder(models["tokenizers"], models["text_encoders"])
     schedule = InversionSchedule.from_scheduler_config(models["scheduler_config"], args.num_inference_steps)
     weights = losses.timestep_weights(schedule.alphas[1:], args.timestep_weighting).to(accelerator.device)
@@ -615,12 +665,17 @@ def main(args):
     else:
         num_epochs = 1
     register_model_hooks(accelerator, args, pipeline_class)
-    # The reference: a separate frozen UNet, or (LoRA) the policy's base weights with the adapters off.
+    # The reference: a separate frozen UNet (loaded now unless a trajectory cache may make it unnecessary), or for
+    # LoRA the policy's base weights with the adapters off. It stays on the device: no offloading per call.
     if args.use_lora:
-        unwrapped = accelerator.unwrap_model(unet)
-        reference = (unwrapped, lambda: reference_mode(unwrapped))
+        reference = Reference(lora_unet=accelerator.unwrap_model(unet))
     else:
-        reference = (reference, contextlib.nullcontext)
+        reference = Reference(load=lambda: load_reference(args, accelerator.device, weight_dtype))
+        if cache is None and args.loss_type != "sft":
+            reference.model
+    if args.fill_inversion_cache:
+        fill_cache(args, accelerator, train_dataloader, reference, prompt_encoder, models["vae"], schedule, cache)
+        return
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items()
                                                                    if isinstance(v, (int, float, str, bool))})
@@ -675,7 +730,7 @@ def main(args):
                 generator = torch.Generator().manual_seed(hash(position) & (2**63 - 1))
                 with accelerator.accumulate(unet):
                     output = training_step(args, accelerator, unet, reference, prompt_encoder, models["vae"], batch,
-                                           schedule, weights, train_alphas, generator)
+                                           schedule, weights, train_alphas, generator, cache)
                     step_metrics.append(output.metrics)
                     grad_norm = None
                     if accelerator.sync_gradients:
@@ -694,6 +749,8 @@ def main(args):
                 logs.update(grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0], epoch=epoch,
                             bad_rows=bad_rows.bad, elapsed_s=time.perf_counter() - started)
                 logs["zero_gradient"] = float(logs["grad_norm"] == 0.0)
+                if cache is not None:
+                    logs.update(cache.summary())
                 if logs["zero_gradient"] and not zero_gradient_warned:
                     warn_zero_gradient(args, logs)
                     zero_gradient_warned = True
@@ -729,27 +786,58 @@ def main(args):
     accelerator.end_training()
 
 
+def pair_conditioning(args, prompt_encoder, batch):
+    """Winner rows then loser rows: they share the caption, their time_ids (original size, crop) can differ."""
+    target = (args.resolution, args.resolution)
+    cond_w = prompt_encoder.encode(batch["captions"], batch["original_sizes_w"], batch["crop_top_lefts_w"], target)
+    cond_l = prompt_encoder.encode(batch["captions"], batch["original_sizes_l"], batch["crop_top_lefts_l"], target)
+    cond = Conditioning.cat([cond_w, cond_l])
+    return cond, prompt_encoder.unconditional(cond)
+
+
+def invert_pairs(args, reference, latents, cond, uncond, schedule, cache):
+    """Trajectories of `latents` under the reference: read from the cache when it holds them, else inverted."""
+    with_noise_at_end = args.loss_type == "inversion_dpo_exact"
+
+    def invert(rows):
+        with reference.context():
+            return ddim_invert(reference.model, latents[rows], cond.select(rows), uncond.select(rows), schedule,
+                               args.inversion_guidance_scale, with_noise_at_end=with_noise_at_end,
+                               chunk_size=args.trajectory_chunk_size)
+
+    if cache is None:
+        return invert(slice(None))
+    return cache.trajectories(latents, cond, schedule, with_noise_at_end, invert)
+
+
+def fill_cache(args, accelerator, dataloader, reference, prompt_encoder, vae, schedule, cache):
+    """--fill_inversion_cache: one pass over the data (each process its share), storing every trajectory."""
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(dataloader, desc="filling the trajectory cache", disable=not accelerator.is_local_main_process):
+        if not batch["captions"]:
+            continue
+        latents = torch.cat([encode_images(vae, batch["pixel_values_w"]), encode_images(vae, batch["pixel_values_l"])])
+        cond, uncond = pair_conditioning(args, prompt_encoder, batch)
+        invert_pairs(args, reference, latents, cond, uncond, schedule, cache)
+    accelerator.wait_for_everyone()
+    logger.info("trajectory cache %s filled on process %d: %s", args.inversion_cache_dir, accelerator.process_index,
+                cache.summary())
+
+
 def training_step(args, accelerator, unet, reference, prompt_encoder, vae, batch, schedule, weights, train_alphas,
-                  generator):
+                  generator, cache):
     """Encode, invert (reference, no gradient), evaluate the policy, backpropagate. Returns the `LossOutput`.
 
     `generator` draws the noise and timesteps of diffusion_dpo and sft."""
-    target = (args.resolution, args.resolution)
     latents_w = encode_images(vae, batch["pixel_values_w"])
     latents_l = encode_images(vae, batch["pixel_values_l"])
-    cond_w = prompt_encoder.encode(batch["captions"], batch["original_sizes_w"], batch["crop_top_lefts_w"], target)
     if args.loss_type in ("diffusion_dpo", "sft"):
+        target = (args.resolution, args.resolution)
+        cond_w = prompt_encoder.encode(batch["captions"], batch["original_sizes_w"], batch["crop_top_lefts_w"], target)
         return noising_loss(args, accelerator, unet, reference, latents_w, latents_l, cond_w, train_alphas, generator)
-    # Winner and loser share the caption; their time_ids can differ (original size, crop). One batch of 2B rows.
-    cond_l = prompt_encoder.encode(batch["captions"], batch["original_sizes_l"], batch["crop_top_lefts_l"], target)
-    cond = Conditioning.cat([cond_w, cond_l])
-    uncond = prompt_encoder.unconditional(cond)
-    reference_model, reference_context = reference
-    with reference_context():
-        trajectories = ddim_invert(reference_model, torch.cat([latents_w, latents_l]), cond, uncond, schedule,
-                                   args.inversion_guidance_scale,
-                                   with_noise_at_end=args.loss_type == "inversion_dpo_exact",
-                                   chunk_size=args.trajectory_chunk_size)
+    cond, uncond = pair_conditioning(args, prompt_encoder, batch)
+    trajectories = invert_pairs(args, reference, torch.cat([latents_w, latents_l]), cond, uncond, schedule, cache)
     return trajectory_loss(args, accelerator, unet, trajectories, cond, uncond, weights)
 
 

@@ -192,6 +192,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sdxl_pa
     assert read_metrics(one)[0]["grad_norm"] == pytest.approx(read_metrics(two)[0]["grad_norm"], rel=1e-5)
 
 
+def test_filled_float32_cache_trains_exactly_like_no_cache(tiny_sdxl_path, pairs_dir, tmp_path):
+    args = ["--loss_type", "inversion_dpo_exact", "--learning_rate", "1e-4"]
+    cache = ["--inversion_cache_dir", str(tmp_path / "cache"), "--inversion_cache_dtype", "float32"]
+    uncached_run = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "uncached", *args))
+    assert "loading the reference UNet" in uncached_run.stderr
+    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "fill", *args, *cache, "--fill_inversion_cache"))
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 16  # 8 pairs, winner and loser
+    assert not (tmp_path / "fill" / "unet").exists()  # filling trains nothing
+    cached_run = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "cached", *args, *cache))
+    assert "loading the reference UNet" not in cached_run.stderr  # every trajectory was on disk
+    metrics = read_metrics(tmp_path / "cached")
+    assert metrics[-1]["cache_misses"] == 0 and metrics[-1]["cache_hits"] == 8  # 2 steps x 2 pairs x 2 images
+    uncached, cached = unet_weights(tmp_path / "uncached"), unet_weights(tmp_path / "cached")
+    assert changed(unet_weights(tiny_sdxl_path), cached)
+    assert changed(uncached, cached) == []
+
+
 def sdxl_sh(env, *flags):
     command = ["bash", str(ROOT / "sdxl.sh"), "--report_to", "none", *flags]
     return subprocess.run(command, cwd=ROOT, env={**ENV, "ACCELERATE_ARGS": "--cpu --num_processes 1", **env},
