@@ -108,6 +108,11 @@ def parse_args(input_args=None):
                              "steps at a time: the same gradient as one graph, with the memory of one chunk, for "
                              "one extra pass without gradient. K >= N holds all N steps in one graph, as released.")
 
+    method.add_argument("--loss_timesteps", type=int, default=None,
+                        help="Evaluate the policy at a random subset of M of the N steps per update (default: all). "
+                             "The subset's (1/M) sum w_i(...) is an unbiased estimate of S; the loss of that "
+                             "estimate is not an unbiased estimate of the loss.")
+
     cache = parser.add_argument_group("trajectory cache (see trajectory_cache.py)")
     cache.add_argument("--inversion_cache_dir", default=None,
                        help="Keep inversion trajectories here and reuse them across epochs and runs; entries are "
@@ -194,6 +199,9 @@ def validate_args(parser, args):
     lora_flags = [f"--{name}" for name in ("rank", "lora_alpha", "lora_target_modules") if getattr(args, name) is not None]
     if lora_flags and not args.use_lora:
         parser.error(f"{', '.join(lora_flags)} given without --use_lora; add --use_lora or drop them")
+    if args.loss_timesteps is not None and not 1 <= args.loss_timesteps <= args.num_inference_steps:
+        parser.error(f"--loss_timesteps {args.loss_timesteps} must be from 1 to --num_inference_steps "
+                     f"({args.num_inference_steps})")
     if args.trajectory_chunk_size < 1:
         parser.error("--trajectory_chunk_size must be at least 1")
     if args.fill_inversion_cache and not args.inversion_cache_dir:
@@ -342,43 +350,49 @@ def policy_errors(policy, trajectories, cond, uncond, args, at, steps):
     return losses.squared_error(prediction, trajectories.noise[:, steps], batch_dims=2)
 
 
-def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weights):
+def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weights, generator):
     """An Inversion-DPO loss and its gradient. `trajectories`, `cond`, `uncond`: the B winners, then the B losers.
 
-    With --trajectory_chunk_size K < N the gradient is computed chunk by chunk: pass 1 takes every policy error
-    without gradient, the loss, and dL/d(error) for each (image, step); pass 2 recomputes K steps at a time with
-    gradient and backpropagates sum(dL/d(error) * error). Same gradient as one graph, memory of one chunk; under
+    The policy is evaluated at every step, or at --loss_timesteps steps drawn by `generator`. With
+    --trajectory_chunk_size K below that count the gradient is computed chunk by chunk: pass 1 takes every policy
+    error without gradient, the loss, and dL/d(error) for each (image, step); pass 2 recomputes K steps at a time
+    with gradient and backpropagates sum(dL/d(error) * error). Same gradient as one graph, memory of one chunk; under
     DDP only the last backward synchronises.
     """
     at = "end" if args.loss_type == "inversion_dpo_exact" else "start"
-    all_steps = torch.arange(trajectories.num_steps)
+    num_steps = trajectories.num_steps
+    steps = torch.arange(num_steps)
+    if args.loss_timesteps is not None and args.loss_timesteps < num_steps:
+        steps = torch.randperm(num_steps, generator=generator)[: args.loss_timesteps].sort().values
+    step_weights = weights[steps.to(weights.device)]
     scale = 1.0 / args.gradient_accumulation_steps
 
     def loss_of(errors):
         errors_w, errors_l = errors.chunk(2)
         if args.loss_type == "inversion_dpo_exact":
-            reference_w, reference_l = losses.squared_error(trajectories.noise_at_end, trajectories.noise, 2).chunk(2)
-            return losses.inversion_dpo_exact(errors_w, reference_w, errors_l, reference_l, weights, args.beta_dpo)
+            reference_errors = losses.squared_error(trajectories.noise_at_end[:, steps], trajectories.noise[:, steps], 2)
+            reference_w, reference_l = reference_errors.chunk(2)
+            return losses.inversion_dpo_exact(errors_w, reference_w, errors_l, reference_l, step_weights,
+                                              args.beta_dpo)
         loss_fn = losses.inversion_dpo if args.loss_type == "inversion_dpo" else losses.inversion_dpo_official
-        return loss_fn(errors_w, errors_l, weights, args.beta_dpo)
+        return loss_fn(errors_w, errors_l, step_weights, args.beta_dpo)
 
-    chunk = args.trajectory_chunk_size
-    if chunk >= len(all_steps):
-        output = loss_of(policy_errors(policy, trajectories, cond, uncond, args, at, all_steps))
+    if args.trajectory_chunk_size >= len(steps):
+        output = loss_of(policy_errors(policy, trajectories, cond, uncond, args, at, steps))
         accelerator.backward(output.loss * scale)
         return output
 
     with torch.no_grad():
-        errors = policy_errors(policy, trajectories, cond, uncond, args, at, all_steps)
+        errors = policy_errors(policy, trajectories, cond, uncond, args, at, steps)
     errors.requires_grad_(True)
     with torch.enable_grad():
         output = loss_of(errors)
         (factor,) = torch.autograd.grad(output.loss, errors)
-    chunks = all_steps.split(chunk)
-    for index, steps in enumerate(chunks):
+    chunks = torch.arange(len(steps)).split(args.trajectory_chunk_size)  # positions in `steps`
+    for index, positions in enumerate(chunks):
         with contextlib.nullcontext() if index == len(chunks) - 1 else accelerator.no_sync(policy):
-            chunk_errors = policy_errors(policy, trajectories, cond, uncond, args, at, steps)
-            accelerator.backward((factor[:, steps] * chunk_errors).sum() * scale)
+            chunk_errors = policy_errors(policy, trajectories, cond, uncond, args, at, steps[positions])
+            accelerator.backward((factor[:, positions] * chunk_errors).sum() * scale)
     output.loss = output.loss.detach()
     return output
 
@@ -829,7 +843,7 @@ def training_step(args, accelerator, unet, reference, prompt_encoder, vae, batch
                   generator, cache):
     """Encode, invert (reference, no gradient), evaluate the policy, backpropagate. Returns the `LossOutput`.
 
-    `generator` draws the noise and timesteps of diffusion_dpo and sft."""
+    `generator` draws the noise and timesteps of diffusion_dpo and sft, and the --loss_timesteps subset."""
     latents_w = encode_images(vae, batch["pixel_values_w"])
     latents_l = encode_images(vae, batch["pixel_values_l"])
     if args.loss_type in ("diffusion_dpo", "sft"):
@@ -838,7 +852,7 @@ def training_step(args, accelerator, unet, reference, prompt_encoder, vae, batch
         return noising_loss(args, accelerator, unet, reference, latents_w, latents_l, cond_w, train_alphas, generator)
     cond, uncond = pair_conditioning(args, prompt_encoder, batch)
     trajectories = invert_pairs(args, reference, torch.cat([latents_w, latents_l]), cond, uncond, schedule, cache)
-    return trajectory_loss(args, accelerator, unet, trajectories, cond, uncond, weights)
+    return trajectory_loss(args, accelerator, unet, trajectories, cond, uncond, weights, generator)
 
 
 if __name__ == "__main__":

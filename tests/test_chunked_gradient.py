@@ -1,4 +1,4 @@
-"""--trajectory_chunk_size: the chunk-by-chunk gradient equals the one-graph gradient."""
+"""trajectory_loss: the chunk-by-chunk gradient equals the one-graph gradient; --loss_timesteps estimates S."""
 
 import copy
 
@@ -15,37 +15,75 @@ def gradient(policy, args, micro_batches, weights):
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=args.gradient_accumulation_steps)
     policy.zero_grad(set_to_none=True)
     for trajectories, cond, uncond in micro_batches:
-        trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weights)
+        trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weights, torch.Generator())
     return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("loss_type", ["inversion_dpo", "inversion_dpo_exact"])
-def test_chunked_gradient_equals_one_graph_gradient_with_accumulation(sdxl_pipe, loss_type):
+@pytest.fixture(scope="module")
+def micro_batches(sdxl_pipe):
+    """Two micro-batches of 2 pairs (winners then losers), inverted over 6 steps, and the official weights."""
     torch.manual_seed(0)
-    num_steps = 6
     encoder = PromptEncoder([sdxl_pipe.tokenizer, sdxl_pipe.tokenizer_2], [sdxl_pipe.text_encoder, sdxl_pipe.text_encoder_2])
-    schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, num_steps)
-    weights = losses.timestep_weights(schedule.alphas[1:], "official")
-    micro_batches = []
-    for captions in (["red", "blue"], ["a green star", "grey"]):  # two micro-batches of 2 pairs
+    schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, NUM_STEPS)
+    batches = []
+    for captions in (["red", "blue"], ["a green star", "grey"]):
         cond_w = encoder.encode(captions, [[64, 64]] * 2, [[0, 0]] * 2, (64, 64))
         cond_l = encoder.encode(captions, [[64, 80]] * 2, [[0, 8]] * 2, (64, 64))
         cond = Conditioning.cat([cond_w, cond_l])
         uncond = encoder.unconditional(cond)
         trajectories = ddim_invert(sdxl_pipe.unet, torch.randn(4, 4, 8, 8), cond, uncond, schedule, 2.0,
                                    with_noise_at_end=True)
-        micro_batches.append((trajectories, cond, uncond))
+        batches.append((trajectories, cond, uncond))
+    return batches, losses.timestep_weights(schedule.alphas[1:], "official")
 
+
+@pytest.fixture(scope="module")
+def policy(sdxl_pipe):
     policy = copy.deepcopy(sdxl_pipe.unet).train()
     with torch.no_grad():  # away from the reference, so the paper form has a gradient too
         for p in policy.parameters():
             p.add_(2e-3 * torch.randn_like(p))
-    common = ["--pretrained_model_name_or_path", "unused", "--dataset_name", "unused", "--loss_type", loss_type,
-              "--num_inference_steps", str(num_steps), "--beta_dpo", "100", "--gradient_accumulation_steps", "2"]
-    one_graph = gradient(policy, parse_args([*common, "--trajectory_chunk_size", str(num_steps)]), micro_batches,
-                         weights)
+    return policy
+
+
+NUM_STEPS = 6
+
+
+def trainer_args(loss_type, *extra):
+    return parse_args(["--pretrained_model_name_or_path", "unused", "--dataset_name", "unused", "--loss_type",
+                       loss_type, "--num_inference_steps", str(NUM_STEPS), "--beta_dpo", "100",
+                       "--gradient_accumulation_steps", "2", *extra])
+
+
+@pytest.mark.parametrize("loss_type", ["inversion_dpo", "inversion_dpo_exact"])
+def test_chunked_gradient_equals_one_graph_gradient_with_accumulation(micro_batches, policy, loss_type):
+    batches, weights = micro_batches
+    one_graph = gradient(policy, trainer_args(loss_type, "--trajectory_chunk_size", str(NUM_STEPS)), batches, weights)
+    assert one_graph.norm() > 0
     for chunk in (1, 4):
-        chunked = gradient(policy, parse_args([*common, "--trajectory_chunk_size", str(chunk)]), micro_batches,
-                           weights)
-        assert one_graph.norm() > 0
+        chunked = gradient(policy, trainer_args(loss_type, "--trajectory_chunk_size", str(chunk)), batches, weights)
         assert ((chunked - one_graph).norm() / one_graph.norm()).item() <= 1e-5
+    # a --loss_timesteps subset too: the same generator draws the same steps in both
+    subset = ["--loss_timesteps", "3"]
+    one_graph = gradient(policy, trainer_args(loss_type, *subset, "--trajectory_chunk_size", "3"), batches, weights)
+    chunked = gradient(policy, trainer_args(loss_type, *subset, "--trajectory_chunk_size", "1"), batches, weights)
+    assert ((chunked - one_graph).norm() / one_graph.norm()).item() <= 1e-5
+
+
+def test_loss_timesteps_subset_is_an_unbiased_estimate_of_the_score(micro_batches, policy):
+    (trajectories, cond, uncond), weights = micro_batches[0][0], micro_batches[1]
+    accelerator = Accelerator(cpu=True)
+
+    def scores(args, seed):
+        output = trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weights,
+                                 torch.Generator().manual_seed(seed))
+        policy.zero_grad(set_to_none=True)
+        return torch.stack([output.metrics["score_w"], output.metrics["score_l"]])
+
+    full = scores(trainer_args("inversion_dpo"), 0)
+    assert torch.equal(scores(trainer_args("inversion_dpo", "--loss_timesteps", str(NUM_STEPS)), 0), full)
+    subset = trainer_args("inversion_dpo", "--loss_timesteps", "2")
+    draws = torch.stack([scores(subset, seed) for seed in range(150)])
+    assert not torch.allclose(draws[0], draws[1])  # different seeds, different subsets
+    # the mean over random 2-step subsets approaches the full S (15 possible subsets, 150 draws)
+    torch.testing.assert_close(draws.mean(0), full, rtol=0.1, atol=0)
