@@ -251,6 +251,9 @@ def test_sdxl_sh_stops_at_once_when_the_dataset_is_gone(tiny_sdxl_path, tmp_path
     (["--lora_alpha", "4", "--lora_target_modules", "to_q"], "--lora_alpha, --lora_target_modules given without"),
     (["--loss_type", "ipo"], "argument --loss_type: invalid choice: 'ipo'"),
     (["--trajectory_chunk_size", "0"], "--trajectory_chunk_size must be at least 1"),
+    (["--loss_timesteps", "81"], "--loss_timesteps 81 must be from 1 to --num_inference_steps (80)"),
+    (["--fill_inversion_cache"], "--fill_inversion_cache needs --inversion_cache_dir"),
+    (["--inversion_cache_dir", "c", "--loss_type", "sft"], "--loss_type sft runs none"),
 ])
 def test_bad_configuration_names_the_flag(extra, message, capsys):
     from train_inversion_dpo import parse_args
