@@ -7,7 +7,7 @@ whether the paper form moves at all when nothing breaks the symmetry between pol
 with an fp32 reference and with a bf16 one under bf16 autocast.
 
     python benchmarks/alignment.py            # 5 forms x 3 seeds + 2 controls x 3 seeds, about 20 min on 2 CPU cores
-    python benchmarks/alignment.py --quick    # a smoke run: small toy model, 1 seed, 10 steps, about 2 min
+    python benchmarks/alignment.py --quick    # a smoke run: a rougher toy model, 1 seed, 6 steps, about 1 min
 
 Writes benchmarks/results/alignment{,_quick}.md (table) and .png (preference rate against steps and seconds),
 and the raw numbers as .json.
@@ -126,18 +126,18 @@ def plot(series, path, base_rate):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: small toy model, 1 seed, 10 steps")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a rougher toy model, 1 seed, 6 steps")
     parser.add_argument("--work_dir", default=None, help="where models and runs go (default: a folder in /tmp)")
     parser.add_argument("--results_dir", default=str(RESULTS), help="where the table, plot and numbers go")
     args = parser.parse_args()
     quick = args.quick
     seeds = [0] if quick else [0, 1, 2]
-    steps, every, samples = (10, 10, 64) if quick else (60, 15, 256)
+    steps, every, samples = (6, 6, 32) if quick else (60, 15, 256)
     threshold = 0.75
     work = Path(args.work_dir or f"/tmp/inversion-dpo-alignment{'-quick' if quick else ''}")
     toy_dir = work / "toy"
     started = time.perf_counter()
-    build_steps = dict(vae_steps=80, unet_steps=250) if quick else {}
+    build_steps = dict(vae_steps=40, unet_steps=150) if quick else {}
     toy_task.build_model(toy_dir / "model", progress=lambda it, desc=None: it, **build_steps)
     toy_task.build_pairs(toy_dir / "pairs")
     base_rate, base_heldout = measure(toy_dir, None, samples)
