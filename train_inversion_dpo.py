@@ -55,7 +55,6 @@ MEMORY_FLAGS = ("--train_batch_size (lower, with more --gradient_accumulation_st
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
 
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local diffusers folder.")
@@ -286,8 +285,9 @@ class Reference:
 
     @property
     def model(self):
-        if self.lora_unet is not None:
-            return self.lora_unet
+        return self.lora_unet if self.lora_unet is not None else self.load()
+
+    def load(self):
         if self._model is None:
             self._model = self._load()
         return self._model
@@ -686,7 +686,7 @@ def main(args):
     else:
         reference = Reference(load=lambda: load_reference(args, accelerator.device, weight_dtype))
         if cache is None and args.loss_type != "sft":
-            reference.model
+            reference.load()  # now: a reference that cannot load fails before any training
     if args.fill_inversion_cache:
         fill_cache(args, accelerator, train_dataloader, reference, prompt_encoder, models["vae"], schedule, cache)
         return
