@@ -23,6 +23,7 @@ echo "== 1/3 toy model and preference pairs (built once, then reused)"
 python toy_task.py build "$DEMO_DIR"
 
 echo "== 2/3 Inversion-DPO training (paper loss, 10 inversion steps, 60 optimiser steps)"
+echo "   (the zero-gradient warning at step 1 is expected: see README.md, 'Zero gradient at the start')"
 rm -rf "$DEMO_DIR/run"
 python -m accelerate.commands.launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
   --dynamo_backend no train_inversion_dpo.py \
