@@ -140,10 +140,6 @@ def run_one(args):
     synchronise()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    calls["count"] = 0
-    with FlopCounterMode(display=False) as flops:
-        step()
-    unet_calls = calls["count"]
     seconds = []
     for _ in range(args.steps):
         synchronise()
@@ -151,8 +147,12 @@ def run_one(args):
         step()
         synchronise()
         seconds.append(time.perf_counter() - start)
+    peak = peak_memory(device)  # before counting FLOPs: the counter itself holds memory that grows with the calls
+    calls["count"] = 0
+    with FlopCounterMode(display=False) as flops:
+        step()
     result = {"mode": args.mode, "N": args.N, "seconds_per_step": statistics.median(seconds),
-              "peak_memory_bytes": peak_memory(device), "unet_calls": unet_calls,
+              "peak_memory_bytes": peak, "unet_calls": calls["count"],
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
               "config": args.config, "lora": args.lora, "trajectory_chunk_size": chunk,
               "flops_per_step": flops.get_total_flops()}
