@@ -89,11 +89,16 @@ def train_vae(vae, images, steps, generator, progress):
     return latents * vae.config.scaling_factor
 
 
+def caption_conditioning(pipe, count):
+    """The conditioning of `count` copies of the caption at the toy size, and its unconditional counterpart."""
+    encoder = PromptEncoder([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
+    cond = encoder.encode([CAPTION] * count, [[SIZE, SIZE]] * count, [[0, 0]] * count, (SIZE, SIZE))
+    return cond, encoder.unconditional(cond)
+
+
 def train_unet(pipe, latents, steps, generator, progress):
     """Epsilon-prediction training on the toy latents for the caption, with 10% unconditional (zero) captions."""
-    encoder = PromptEncoder([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
-    cond = encoder.encode([CAPTION], [[SIZE, SIZE]], [[0, 0]], (SIZE, SIZE))
-    uncond = encoder.unconditional(cond)
+    cond, uncond = caption_conditioning(pipe, 1)
     alphas = training_alphas(pipe.scheduler.config)
     unet = pipe.unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
@@ -179,8 +184,7 @@ def heldout_denoising_loss(pipe, count=256, seed=12345):
     alphas = training_alphas(pipe.scheduler.config)
     timesteps = torch.randint(0, len(alphas), (count,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
-    encoder = PromptEncoder([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
-    cond = encoder.encode([CAPTION] * count, [[SIZE, SIZE]] * count, [[0, 0]] * count, (SIZE, SIZE))
+    cond, _ = caption_conditioning(pipe, count)
     prediction = pipe.unet(forward_noise(latents, noise, alphas[timesteps]), timesteps, **cond.unet_kwargs(torch.float32))
     return F.mse_loss(prediction.sample, noise).item()
 
