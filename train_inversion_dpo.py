@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 import losses
-from data import BadRowTracker, PreferenceDataConfig, load_preference_dataset, make_dataloader
 from inversion import (
     Conditioning,
     InversionSchedule,
@@ -138,6 +137,15 @@ def parse_args(input_args=None):
                            help="Recompute UNet activations in backward: less memory, more compute.")
     precision.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                            help="xformers attention (default: PyTorch SDPA).")
+    precision.add_argument("--torch_compile", action="store_true",
+                           help="torch.compile the policy and reference UNets in place (state dicts and "
+                                "checkpoints unchanged). The first steps compile, and so does each new batch shape.")
+    precision.add_argument("--torch_compile_backend", default=None,
+                           help="torch.compile backend (default inductor; eager checks the wiring without "
+                                "generating code).")
+    precision.add_argument("--torch_compile_mode", default=None,
+                           choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                           help="inductor's compile mode (default: default).")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning_rate", type=float, default=1e-8, help="Peak learning rate (before --scale_lr).")
@@ -201,6 +209,12 @@ def validate_args(parser, args):
     if args.loss_timesteps is not None and not 1 <= args.loss_timesteps <= args.num_inference_steps:
         parser.error(f"--loss_timesteps {args.loss_timesteps} must be from 1 to --num_inference_steps "
                      f"({args.num_inference_steps})")
+    compile_flags = [f"--{name}" for name in ("torch_compile_backend", "torch_compile_mode")
+                     if getattr(args, name) is not None]
+    if compile_flags and not args.torch_compile:
+        parser.error(f"{', '.join(compile_flags)} given without --torch_compile; add --torch_compile or drop them")
+    if args.torch_compile_mode and (args.torch_compile_backend or "inductor") != "inductor":
+        parser.error("--torch_compile_mode applies to the inductor backend only; drop it or --torch_compile_backend")
     if args.trajectory_chunk_size < 1:
         parser.error("--trajectory_chunk_size must be at least 1")
     if args.fill_inversion_cache and not args.inversion_cache_dir:
@@ -273,7 +287,15 @@ def load_reference(args, device, dtype):
     reference.requires_grad_(False).eval().to(device, dtype=dtype)
     if args.enable_xformers_memory_efficient_attention:
         reference.enable_xformers_memory_efficient_attention()
-    return reference
+    return compile_unet(reference, args)
+
+
+def compile_unet(unet, args):
+    """--torch_compile: nn.Module.compile, in place, so the module keeps its class, state dict keys and hooks
+    (checkpoints, LoRA saving and DDP see the plain module). Without the flag, the module as it is."""
+    if args.torch_compile:
+        unet.compile(backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
+    return unet
 
 
 class Reference:
@@ -552,6 +574,20 @@ def log_validation(accelerator, args, models, unet, pipeline_class, weight_dtype
     logger.info("validation grid written to %s", folder / f"step-{global_step:06d}.png")
 
 
+def end_processes(accelerator):
+    """Close trackers and the process group, so that every process exits.
+
+    With several processes, a communication worker thread can still hold the last collective's tensors after the
+    collective returned, and needs the GIL to release them. If the main thread meanwhile drops the last reference to
+    the process group (the DDP model is freed when main returns), it joins those threads while holding the GIL and
+    the process never exits (seen with two gloo processes: 2 runs of 6 on a loaded CPU; none of 12 with this). A
+    barrier, then a pause with the GIL released, lets the workers finish first."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        time.sleep(1.0)
+    accelerator.end_training()
+
+
 def warn_zero_gradient(args, logs):
     """Say in plain words why a step had a gradient of exactly zero, and what to do."""
     if logs.get("margin", 0.0) != 0.0:
@@ -582,6 +618,8 @@ def main(args):
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
+
+    from data import BadRowTracker, PreferenceDataConfig, load_preference_dataset, make_dataloader
 
     # 1. Accelerator, logging, seed.
     output_dir = Path(args.output_dir)
@@ -651,6 +689,7 @@ def main(args):
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
+    compile_unet(unet, args)  # for LoRA, the reference too: the same module with its adapters off
     prompt_encoder = PromptEncoder(models["tokenizers"], models["text_encoders"])
     schedule = InversionSchedule.from_scheduler_config(models["scheduler_config"], args.num_inference_steps)
     weights = losses.timestep_weights(schedule.alphas[1:], args.timestep_weighting).to(accelerator.device)
@@ -689,6 +728,7 @@ def main(args):
             reference.load()  # now: a reference that cannot load fails before any training
     if args.fill_inversion_cache:
         fill_cache(args, accelerator, train_dataloader, reference, prompt_encoder, models["vae"], schedule, cache)
+        end_processes(accelerator)
         return
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items()
@@ -797,7 +837,7 @@ def main(args):
             build_pipeline(models, final_unet, pipeline_class, models["scheduler_config"], weight_dtype) \
                 .save_pretrained(output_dir)
         logger.info("training finished after %d steps; output in %s", global_step, output_dir)
-    accelerator.end_training()
+    end_processes(accelerator)
 
 
 def pair_conditioning(args, prompt_encoder, batch):

@@ -7,7 +7,7 @@ whether the paper form moves at all when nothing breaks the symmetry between pol
 with an fp32 reference and with a bf16 one under bf16 autocast.
 
     python benchmarks/alignment.py            # 5 forms x 3 seeds + 2 controls x 3 seeds, about 20 min on 2 CPU cores
-    python benchmarks/alignment.py --quick    # a smoke run: a rougher toy model, 1 seed, 6 steps, about 1 min
+    python benchmarks/alignment.py --quick    # a smoke run: a rougher toy model, 1 seed, 6 steps, a few minutes
 
 Writes benchmarks/results/alignment{,_quick}.md (table) and .png (preference rate against steps and seconds),
 and the raw numbers as .json.
@@ -127,6 +127,7 @@ def plot(series, path, base_rate):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: a rougher toy model, 1 seed, 6 steps")
+    parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS), help="losses to compare (default: all)")
     parser.add_argument("--work_dir", default=None, help="where models and runs go (default: a folder in /tmp)")
     parser.add_argument("--results_dir", default=str(RESULTS), help="where the table, plot and numbers go")
     args = parser.parse_args()
@@ -143,7 +144,7 @@ def main():
     base_rate, base_heldout = measure(toy_dir, None, samples)
     print(f"toy model ready: base preference rate {base_rate:.1%}", flush=True)
 
-    configs = {form: ["--loss_type", form] for form in FORMS}
+    configs = {form: ["--loss_type", form] for form in args.forms}
     if not quick:
         configs.update(CONTROLS)
     results = {name: [run_config(toy_dir, work / "runs", name, flags, seed, steps, every, samples) for seed in seeds]

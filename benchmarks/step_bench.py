@@ -1,9 +1,10 @@
-"""Seconds, UNet calls and peak memory of one Inversion-DPO optimiser step, for three schedules:
+"""Seconds, UNet calls, FLOPs and peak memory of one Inversion-DPO optimiser step, for three schedules:
 
     released   the released code's schedule: both inversions recomputed every step, all N policy evaluations
                held in one graph until backward (--trajectory_chunk_size N)
     uncached   this project without a cache: inversions every step
-    cached     this project with a warm trajectory cache (trajectory_cache.py): no inversion
+    cached     this project with a warm trajectory cache (trajectory_cache.py): no inversion, and for a full
+               fine-tune no reference UNet in memory (as in the trainer)
 
 The uncached and cached modes use --chunk K (default 1: the gradient one step at a time, memory independent of N;
 0: one graph of all N steps, one policy call).
@@ -15,13 +16,21 @@ pair, paper loss, guidance 2, conditioning given (text encoders and VAE are outs
     python benchmarks/step_bench.py --config sdxl --json out.jsonl   # SDXL-sized UNet, random weights, 1024 px, bf16, CUDA
     python benchmarks/step_bench.py --config sdxl --lora ...         # the same with LoRA adapters (rank 64)
 
-Each configuration runs in a fresh process so that peak memory is its own: torch.cuda.max_memory_allocated on a
-GPU, the process's peak resident set on a CPU (which includes the interpreter, the weights and whatever the allocator
-keeps). FLOPs are counted with torch.utils.flop_counter; on a GPU, model FLOP utilisation is
-reported against --peak_tflops (bf16 dense peak; 989 for an H100 SXM).
+Each configuration runs in a fresh process so that peak memory is its own: torch.cuda.max_memory_allocated (and
+_reserved) on a GPU, the process's peak resident set on a CPU (which includes the interpreter, the weights and whatever
+the allocator keeps). A cached configuration's cache is filled by a process of its own first, as
+--fill_inversion_cache does before training.
+
+Per configuration: one warm-up step at N' = min(N, 2) steps, run eagerly under torch.utils.flop_counter, gives the
+FLOPs (every schedule's FLOPs are linear in N, so a step at N costs N/N' times that): executed_flops_per_step counts
+everything, flops_per_step leaves out the forward passes that gradient checkpointing (on for sdxl) recomputes. With
+--compile the UNets are then compiled and a second warm-up compiles them; then --steps timed steps at N. Model FLOP
+utilisation mfu = flops_per_step / seconds per step / --peak_tflops (the GPU's dense bf16 peak; 989 for an H100 SXM),
+hfu the same with the executed FLOPs.
 """
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -51,158 +60,294 @@ SDXL_UNET = dict(
 
 
 def peak_memory(device):
+    """(peak bytes allocated, peak bytes reserved by the allocator); on a CPU both are the peak resident set."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return peak, peak
 
 
-def build(config, device, dtype, lora):
-    """(policy, reference, conditioning, unconditional, latents of one pair, resolution, scheduler config)."""
-    from diffusers import UNet2DConditionModel
+class Bench:
+    """One configuration: the policy (full fine-tune or LoRA), its reference, one pair's conditioning and latents,
+    and `step(N)`, one optimiser step of the trainer's code on a trajectory of N steps."""
 
-    from inversion import Conditioning
-    from tiny_models import SCHEDULER_CONFIG, build_tiny_sdxl
+    def __init__(self, config, mode, lora=False, chunk=1, cache_dir=None, load_reference=True, device=None,
+                 resolution=None, gradient_checkpointing=None):
+        from accelerate import Accelerator
 
-    torch.manual_seed(0)
-    if config == "sdxl":
-        unet, resolution, tokens, width, pooled = UNet2DConditionModel(**SDXL_UNET), 1024, 77, 2048, 1280
-    else:
-        unet, resolution, tokens, width, pooled = build_tiny_sdxl().unet, 64, 16, 64, 32
-    reference = UNet2DConditionModel.from_config(unet.config)
-    reference.load_state_dict(unet.state_dict())
-    reference.requires_grad_(False).eval().to(device, dtype)
-    if lora:
-        from peft import LoraConfig
+        from inversion import Conditioning
+        from tiny_models import SCHEDULER_CONFIG, build_tiny_sdxl
+        from train_inversion_dpo import Reference
 
-        unet.requires_grad_(False).to(device, dtype)
-        unet.add_adapter(LoraConfig(r=64, lora_alpha=64, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    else:
-        unet.to(device)
-    unet.train()
-    side = resolution // 8
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * 2, dtype=torch.float32)
-    cond = Conditioning(torch.randn(2, tokens, width), torch.randn(2, pooled), time_ids).to(device)
-    uncond = Conditioning(torch.zeros(2, tokens, width), torch.zeros(2, pooled), time_ids).to(device)
-    return unet, reference, cond, uncond, torch.randn(2, 4, side, side, device=device), resolution, SCHEDULER_CONFIG
+        self.config, self.mode, self.lora, self.chunk = config, mode, lora, chunk
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.bfloat16 if config == "sdxl" else torch.float32
+        self.scheduler_config = SCHEDULER_CONFIG
+        self.accelerator = Accelerator(cpu=self.device.type == "cpu",
+                                       mixed_precision="bf16" if self.dtype == torch.bfloat16 else "no")
+        torch.manual_seed(0)
+        if config == "sdxl":
+            from diffusers import UNet2DConditionModel
+
+            with torch.device(self.device):  # random init on the device: seconds, not minutes
+                policy = UNet2DConditionModel(**SDXL_UNET)
+            self.resolution, tokens, width, pooled = resolution or 1024, 77, 2048, 1280
+        else:
+            policy = build_tiny_sdxl().unet.to(self.device)
+            self.resolution, tokens, width, pooled = resolution or 64, 16, 64, 32
+        if gradient_checkpointing if gradient_checkpointing is not None else config == "sdxl":
+            policy.enable_gradient_checkpointing()
+        # The conditioning and latents come before anything optional so that every process draws the same ones.
+        side = self.resolution // 8
+        time_ids = torch.tensor([[self.resolution, self.resolution, 0, 0, self.resolution, self.resolution]] * 2,
+                                dtype=torch.float32)
+        self.cond = Conditioning(torch.randn(2, tokens, width), torch.randn(2, pooled), time_ids).to(self.device)
+        self.uncond = Conditioning(torch.zeros(2, tokens, width), torch.zeros(2, pooled), time_ids).to(self.device)
+        self.latents = torch.randn(2, 4, side, side).to(self.device)
+
+        if lora:
+            from peft import LoraConfig
+
+            policy.requires_grad_(False).to(self.device, self.dtype)
+            policy.add_adapter(LoraConfig(r=64, lora_alpha=64, init_lora_weights="gaussian",
+                                          target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+            for p in policy.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+            self.reference_unet = None
+            self.reference = Reference(lora_unet=policy)  # the policy with its adapters off, as in the trainer
+        else:
+            self.reference_unet = None
+            if load_reference:  # a separate frozen copy in the compute dtype, as load_reference does
+                self.reference_unet = copy.deepcopy(policy).requires_grad_(False).eval().to(self.device, self.dtype)
+                if policy.is_gradient_checkpointing:
+                    self.reference_unet.disable_gradient_checkpointing()
+            self.reference = Reference(load=self._reference_or_fail)
+        policy.train()
+        self.unwrapped = policy
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=1e-6)
+        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.cache_dir = cache_dir
+
+    def _reference_or_fail(self):
+        if self.reference_unet is None:
+            raise RuntimeError("the warm cache missed: the reference UNet was needed but is not loaded")
+        return self.reference_unet
+
+    def unets(self):
+        return [m for m in (self.unwrapped, self.reference_unet) if m is not None]
+
+    def trainer_args(self, num_steps, *extra):
+        from train_inversion_dpo import parse_args
+
+        chunk = num_steps if self.mode == "released" or self.chunk == 0 else self.chunk
+        return parse_args(["--pretrained_model_name_or_path", "unused", "--dataset_name", "unused",
+                           "--num_inference_steps", str(num_steps), "--trajectory_chunk_size", str(chunk),
+                           "--resolution", str(self.resolution), *extra])
+
+    def cache(self, num_steps):
+        from trajectory_cache import TrajectoryCache
+
+        if self.mode != "cached":
+            return None
+        return TrajectoryCache(self.cache_dir, "bench", {"N": num_steps})
+
+    def schedule(self, num_steps):
+        import losses
+        from inversion import InversionSchedule
+
+        schedule = InversionSchedule.from_scheduler_config(self.scheduler_config, num_steps)
+        return schedule, losses.timestep_weights(schedule.alphas[1:], "official").to(self.device)
+
+    def fill(self, num_steps):
+        """Write the trajectories of N steps into the cache (what --fill_inversion_cache does)."""
+        from train_inversion_dpo import invert_pairs
+
+        schedule, _ = self.schedule(num_steps)
+        invert_pairs(self.trainer_args(num_steps), self.reference, self.latents, self.cond, self.uncond, schedule,
+                     self.cache(num_steps))
+
+    def step(self, num_steps):
+        """One optimiser step: trajectories (inverted, or read from the cache), the loss and its gradient, AdamW."""
+        from train_inversion_dpo import invert_pairs, trajectory_loss
+
+        args = self.trainer_args(num_steps)
+        schedule, weights = self.schedule(num_steps)
+        trajectories = invert_pairs(args, self.reference, self.latents, self.cond, self.uncond, schedule,
+                                    self.cache(num_steps))
+        trajectory_loss(args, self.accelerator, self.policy, trajectories, self.cond, self.uncond, weights,
+                        torch.Generator())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def count_flops(self, num_steps):
+        """(model FLOPs, executed FLOPs) of step(num_steps), run eagerly as configured. Executed FLOPs include the
+        forward passes that gradient checkpointing recomputes during backward; model FLOPs leave them out. The
+        recomputation is counted by a checkpoint function that reads the counter around each block's second run."""
+        from torch.utils.checkpoint import checkpoint
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        recomputed = [0]
+
+        def counting_checkpoint(block, *args):
+            runs = [0]
+
+            def run(*inputs):
+                runs[0] += 1
+                if runs[0] == 1:  # the forward pass
+                    return block(*inputs)
+                before = counter.get_total_flops()  # the recomputation, in backward (it may stop early)
+                try:
+                    return block(*inputs)
+                finally:
+                    recomputed[0] += counter.get_total_flops() - before
+
+            return checkpoint(run, *args, use_reentrant=False)
+
+        checkpointing = self.unwrapped.is_gradient_checkpointing
+        if checkpointing:
+            self.unwrapped.enable_gradient_checkpointing(counting_checkpoint)
+        with counter:
+            self.step(num_steps)
+        if checkpointing:
+            self.unwrapped.enable_gradient_checkpointing()  # back to diffusers' own checkpoint function
+        executed = counter.get_total_flops()
+        return executed - recomputed[0], executed
+
+    def synchronise(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def run_one(args):
     """One configuration, in this process; prints one JSON line."""
-    from accelerate import Accelerator
-    from torch.utils.flop_counter import FlopCounterMode
+    from train_inversion_dpo import compile_unet
 
-    import losses
-    from inversion import InversionSchedule
-    from train_inversion_dpo import Reference, invert_pairs, parse_args, trajectory_loss
-    from trajectory_cache import TrajectoryCache
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.config == "sdxl" else torch.float32
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
-    policy, reference_unet, cond, uncond, latents, resolution, scheduler_config = build(args.config, device, dtype,
-                                                                                           args.lora)
-    chunk = args.N if args.mode == "released" or args.chunk == 0 else args.chunk
-    trainer_args = parse_args(["--pretrained_model_name_or_path", "unused", "--dataset_name", "unused",
-                               "--num_inference_steps", str(args.N), "--trajectory_chunk_size", str(chunk),
-                               "--resolution", str(resolution)] + (["--gradient_checkpointing"] if args.config == "sdxl" else []))
-    if args.config == "sdxl":
-        policy.enable_gradient_checkpointing()
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    schedule = InversionSchedule.from_scheduler_config(scheduler_config, args.N)
-    weights = losses.timestep_weights(schedule.alphas[1:], "official").to(device)
-    reference = Reference(load=lambda: reference_unet)
-    scratch = tempfile.TemporaryDirectory()
-    cache = None
-    if args.mode == "cached":
-        cache = TrajectoryCache(scratch.name, "bench", {"N": args.N})
-        invert_pairs(trainer_args, reference, latents, cond, uncond, schedule, cache)  # warm it
+    cached = args.mode == "cached"
+    bench = Bench(args.config, args.mode, args.lora, args.chunk, cache_dir=args.cache_dir,
+                  load_reference=not cached or args.fill_cache, resolution=args.resolution)
+    short = min(args.N, 2)
+    if args.fill_cache:
+        for n in sorted({short, args.N}):
+            bench.fill(n)
+        return
+    device = bench.device
     calls = {"count": 0}
-    for model in (accelerator.unwrap_model(policy), reference_unet):
+    for model in bench.unets():
         model.register_forward_hook(lambda *_: calls.__setitem__("count", calls["count"] + 1))
 
-    def step():
-        trajectories = invert_pairs(trainer_args, reference, latents, cond, uncond, schedule, cache)
-        trajectory_loss(trainer_args, accelerator, policy, trajectories, cond, uncond, weights, torch.Generator())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def synchronise():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    step()  # warm-up
-    synchronise()
+    model_flops, executed_flops = (count * args.N / short for count in bench.count_flops(short))  # also the warm-up
+    warmup_seconds = None
+    if args.compile:
+        for model in bench.unets():
+            compile_unet(model, bench.trainer_args(short, "--torch_compile"))
+        bench.synchronise()
+        start = time.perf_counter()
+        bench.step(short)  # compiles
+        bench.synchronise()
+        warmup_seconds = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = []
     for _ in range(args.steps):
-        synchronise()
+        calls["count"] = 0
+        bench.synchronise()
         start = time.perf_counter()
-        step()
-        synchronise()
+        bench.step(args.N)
+        bench.synchronise()
         seconds.append(time.perf_counter() - start)
-    peak = peak_memory(device)  # before counting FLOPs: the counter itself holds memory that grows with the calls
-    calls["count"] = 0
-    with FlopCounterMode(display=False) as flops:
-        step()
+    peak, reserved = peak_memory(device)
     result = {"mode": args.mode, "N": args.N, "seconds_per_step": statistics.median(seconds),
-              "peak_memory_bytes": peak, "unet_calls": calls["count"],
+              "peak_memory_bytes": peak, "peak_reserved_bytes": reserved, "unet_calls": calls["count"],
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-              "config": args.config, "lora": args.lora, "trajectory_chunk_size": chunk,
-              "flops_per_step": flops.get_total_flops()}
+              "config": args.config, "resolution": bench.resolution, "lora": args.lora, "compile": args.compile,
+              "trajectory_chunk_size": bench.trainer_args(args.N).trajectory_chunk_size,
+              "flops_per_step": model_flops, "executed_flops_per_step": executed_flops,
+              "gradient_checkpointing": bench.unwrapped.is_gradient_checkpointing, "compile_seconds": warmup_seconds,
+              "torch": torch.__version__}
     if device.type == "cuda":
-        result["mfu"] = result["flops_per_step"] / result["seconds_per_step"] / (args.peak_tflops * 1e12)
+        result["mfu"] = model_flops / result["seconds_per_step"] / (args.peak_tflops * 1e12)
+        result["hfu"] = executed_flops / result["seconds_per_step"] / (args.peak_tflops * 1e12)
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_configuration(args, mode, n, cache_dir):
+    """Run one configuration in fresh processes (a filling one first for the cached mode); its row, or an error."""
+    common = [sys.executable, __file__, "--config", args.config, "--mode", mode, "--N", str(n),
+              "--chunk", str(args.chunk), "--cache_dir", cache_dir] + (["--lora"] if args.lora else []) \
+        + (["--resolution", str(args.resolution)] if args.resolution else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    commands = [common + ["--fill_cache"]] if mode == "cached" else []
+    commands.append(common + ["--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops)]
+                    + (["--compile"] if args.compile else []))
+    for command in commands:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return {"mode": mode, "N": n, "error": f"timed out after {args.timeout} s"}
+        if done.returncode != 0:
+            oom = "OutOfMemoryError" in done.stderr or "out of memory" in done.stderr
+            message = "out of memory" if oom else " ".join(done.stderr.strip().splitlines()[-1:])
+            return {"mode": mode, "N": n, "error": message}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        return {"mode": mode, "N": n, "error": "no result printed"}
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=["tiny", "sdxl"], default="tiny")
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--resolution", type=int, default=None, help="Image side in pixels (default 1024 for sdxl, "
+                                                                      "64 for tiny).")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNets (inductor), as --torch_compile.")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--inversion_steps", type=int, nargs="+", default=[10, 20, 40, 80], help="Values of N.")
+    parser.add_argument("--stop_when_fits", action="store_true",
+                        help="Per mode, try the values of N in the order given and stop at the first that runs "
+                             "(e.g. --inversion_steps 80 40 20 10: the largest N that fits in memory).")
     parser.add_argument("--steps", type=int, default=3, help="Timed optimiser steps per configuration (median).")
     parser.add_argument("--chunk", type=int, default=1,
                         help="--trajectory_chunk_size of the uncached and cached modes; 0 means N (one graph).")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="The GPU's dense bf16 peak, for MFU.")
+    parser.add_argument("--timeout", type=float, default=None, help="Seconds allowed per configuration.")
     parser.add_argument("--json", default=None, help="Append one JSON object per configuration to this file.")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # a single configuration, in-process
     parser.add_argument("--N", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--fill_cache", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         return run_one(args)
     rows = []
     for mode in args.modes:
         for n in args.inversion_steps:
-            command = [sys.executable, __file__, "--config", args.config, "--mode", mode, "--N", str(n),
-                       "--steps", str(args.steps), "--peak_tflops", str(args.peak_tflops), "--chunk", str(args.chunk)] + (["--lora"] if args.lora else [])
-            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                message = "out of memory" if "OutOfMemoryError" in done.stderr else done.stderr.strip().splitlines()[-1:]
-                print(f"{mode} N={n}: failed ({message})", flush=True)
-                rows.append({"mode": mode, "N": n, "error": str(message)})
-                continue
-            row = json.loads(lines[-1].removeprefix("RESULT "))
+            with tempfile.TemporaryDirectory() as cache_dir:
+                row = run_configuration(args, mode, n, cache_dir)
             rows.append(row)
-            print(f"{mode:9s} N={n:3d}: {row['seconds_per_step']:.3f} s/step, {row['unet_calls']} UNet calls, "
-                  f"peak {row['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
-    print("\n| mode | N | K | s/step | UNet calls | peak memory (MiB) |\n|---|---|---|---|---|---|")
+            if "error" in row:
+                print(f"{mode} N={n}: failed ({row['error']})", flush=True)
+                continue
+            print(f"{mode:9s} N={n:3d}: {row['seconds_per_step']:.3f} s/step, {row['unet_calls']} UNet calls, "
+                  f"peak {row['peak_memory_bytes'] / 2**20:.0f} MiB" +
+                  (f", MFU {row['mfu']:.1%}" if "mfu" in row else ""), flush=True)
+            if args.stop_when_fits:
+                break
+    print("\n| mode | N | K | s/step | UNet calls | TFLOP/step | MFU | peak memory (MiB) |\n|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            print(f"| {row['mode']} | {row['N']} | | {row['error']} | | |")
+            print(f"| {row['mode']} | {row['N']} | | {row['error']} | | | | |")
             continue
+        mfu = f"{row['mfu']:.1%}" if "mfu" in row else ""
         print(f"| {row['mode']} | {row['N']} | {row['trajectory_chunk_size']} | {row['seconds_per_step']:.3f} | "
-              f"{row['unet_calls']} | {row['peak_memory_bytes'] / 2**20:.0f} |")
+              f"{row['unet_calls']} | {row['flops_per_step'] / 1e12:.3g} | {mfu} | "
+              f"{row['peak_memory_bytes'] / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # transformers warns at import that torchvision is absent (the image processors it would use are not needed here)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import torch  # noqa: E402
+
 from tiny_models import save_tiny_pipeline  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `-n 2` on 2 cores: one thread per worker and per process it starts, instead of each taking every core
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

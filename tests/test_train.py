@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,16 +41,28 @@ def base_args(model, pairs_dir, output_dir, *extra):
             "--adam_weight_decay", "0", "--report_to", "none", "--seed", "0", *extra]
 
 
-def launch(args, processes=1, check=True):
+def launch(args, processes=1, check=True, extra_env=None, timeout=600):
+    """Run the trainer as a user does; on timeout it is killed with every process it started (torchrun starts its
+    workers in sessions of their own, so they are found as descendants, not by process group)."""
     if processes == 1:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args]
-        env = ENV
+        env = {**ENV, **(extra_env or {})}
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(processes), SCRIPT, *args]
         env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil  # a dependency of peft
+
+        for child in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+            child.kill()
+        stdout, stderr = process.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, stdout, stderr) from None
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
@@ -137,6 +151,22 @@ def test_lora_with_the_paper_form_is_stuck_at_zero_and_says_so(tiny_sdxl_path, p
     assert all(value.abs().sum() == 0 for key, value in state.items() if "lora_B" in key)
 
 
+def test_compiled_lora_run_trains_exactly_like_the_plain_one(tiny_sdxl_path, pairs_dir, tmp_path):
+    # The eager backend traces the policy, and the reference (same module, adapters off), through dynamo without
+    # generating code, so the two runs must agree bit for bit; the saved adapter file has the plain module's keys.
+    args = ["--loss_type", "inversion_dpo_exact", "--use_lora", "--rank", "4", "--learning_rate", "1e-3"]
+    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "plain", *args))
+    result = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "compiled", *args, "--torch_compile",
+                              "--torch_compile_backend", "eager"), extra_env={"TORCH_LOGS": "recompiles"})
+    # dynamo traced the UNet: switching the adapters off for the reference is a guard failure it recompiles for
+    assert "Recompiling function" in result.stderr and "_disable_adapters" in result.stderr
+    plain = load_file(str(tmp_path / "plain" / "pytorch_lora_weights.safetensors"))
+    compiled = load_file(str(tmp_path / "compiled" / "pytorch_lora_weights.safetensors"))
+    assert sorted(plain) == sorted(compiled) and all(key.startswith("unet.") for key in compiled)
+    assert changed(plain, compiled) == []
+    assert any(value.abs().sum() > 0 for key, value in compiled.items() if "lora_B" in key)
+
+
 def test_sd1_model_trains_through_the_same_code(tiny_sd_path, pairs_dir, tmp_path):
     launch(base_args(tiny_sd_path, pairs_dir, tmp_path, "--loss_type", "inversion_dpo_exact", "--save_pipeline"))
     assert len(changed(unet_weights(tiny_sd_path), unet_weights(tmp_path))) > 10
@@ -183,7 +213,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sdxl_pa
             "--adam_epsilon", "1.0", "--checkpointing_steps", "100"]
     one, two = tmp_path / "one", tmp_path / "two"
     launch(base_args(tiny_sdxl_path, pairs_dir, one, *args, "--train_batch_size", "2"))
-    launch(base_args(tiny_sdxl_path, pairs_dir, two, *args, "--train_batch_size", "1"), processes=2)
+    try:
+        launch(base_args(tiny_sdxl_path, pairs_dir, two, *args, "--train_batch_size", "1"), processes=2, timeout=240)
+    except subprocess.TimeoutExpired as hang:
+        # Before end_processes() a process could hang at exit (a GIL deadlock in the process group's destructor,
+        # about one run in three on a loaded CPU). Should a run still stall, it is retried once and its last output
+        # is kept as a warning, so that the gradient check below still decides the test.
+        warnings.warn(f"two-process run stalled for {hang.timeout} s; retried. Its last output:\n"
+                      f"{(hang.stderr or '')[-3000:]}")
+        shutil.rmtree(two, ignore_errors=True)
+        launch(base_args(tiny_sdxl_path, pairs_dir, two, *args, "--train_batch_size", "1"), processes=2, timeout=240)
     base, single, double = unet_weights(tiny_sdxl_path), unet_weights(one), unet_weights(two)
     assert max((single[name] - base[name]).abs().max() for name in base) > 1e-5
     for name in single:
@@ -254,6 +293,9 @@ def test_sdxl_sh_stops_at_once_when_the_dataset_is_gone(tiny_sdxl_path, tmp_path
     (["--loss_timesteps", "81"], "--loss_timesteps 81 must be from 1 to --num_inference_steps (80)"),
     (["--fill_inversion_cache"], "--fill_inversion_cache needs --inversion_cache_dir"),
     (["--inversion_cache_dir", "c", "--loss_type", "sft"], "--loss_type sft runs none"),
+    (["--torch_compile_mode", "max-autotune"], "--torch_compile_mode given without --torch_compile"),
+    (["--torch_compile", "--torch_compile_backend", "eager", "--torch_compile_mode", "max-autotune"],
+     "--torch_compile_mode applies to the inductor backend only"),
 ])
 def test_bad_configuration_names_the_flag(extra, message, capsys):
     from train_inversion_dpo import parse_args

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU figures of README "Speed and memory" in one run on one CUDA GPU (SDXL-sized UNet, random weights, 1024 px,
+# bf16), most important first. Each configuration is appended to RESULTS as soon as it ends, so a run cut short keeps
+# what it measured; TIMEOUT bounds each configuration.
+#
+#   bash benchmarks/gpu_step_bench.sh [RESULTS]     # default benchmarks/results/step_bench_gpu.jsonl
+#   PEAK_TFLOPS=989 TIMEOUT=240 bash benchmarks/gpu_step_bench.sh out.jsonl
+#   CONFIG=tiny bash benchmarks/gpu_step_bench.sh /tmp/x.jsonl      # the same sequence on the tiny model (a dry run)
+set -u
+RESULTS=${1:-benchmarks/results/step_bench_gpu.jsonl}
+TIMEOUT=${TIMEOUT:-240}
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}  # dense bf16 peak of an H100 SXM (and H200)
+CONFIG=${CONFIG:-sdxl}
+export PYTHONUNBUFFERED=1
+mkdir -p "$(dirname "$RESULTS")"
+bench() {
+    python benchmarks/step_bench.py --config "$CONFIG" --steps 1 --timeout "$TIMEOUT" --peak_tflops "$PEAK_TFLOPS" \
+        --json "$RESULTS" "$@"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+# (b) full fine-tune without a cache at N = 80: does it fit, and its MFU
+bench --modes uncached --inversion_steps 80
+# LoRA with a warm cache at N = 80: peak memory against a 24 GB card
+bench --modes cached --inversion_steps 80 --lora
+# (c) full fine-tune with a warm cache: the policy passes alone, their MFU
+bench --modes cached --inversion_steps 80
+# (a) the released schedule: the largest N that fits
+bench --modes released --inversion_steps 80 40 20 10 --stop_when_fits
+# torch.compile (inductor) against the same configuration without it
+bench --modes cached --inversion_steps 10 --compile
+bench --modes cached --inversion_steps 10
+echo "results in $RESULTS"
