@@ -797,8 +797,9 @@ def main(args):
 
                 global_step += 1
                 progress.update(1)
-                logs = {k: accelerator.reduce(torch.stack([m[k] for m in step_metrics]).mean(), "mean").item()
-                        for k in step_metrics[0]}
+                names = list(step_metrics[0])  # one collective and one device sync for all metrics
+                means = torch.stack([torch.stack([m[k].float() for m in step_metrics]).mean() for k in names])
+                logs = dict(zip(names, accelerator.reduce(means, "mean").tolist()))
                 step_metrics = []
                 logs.update(grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0], epoch=epoch,
                             bad_rows=bad_rows.bad, elapsed_s=time.perf_counter() - started)
@@ -840,12 +841,15 @@ def main(args):
     end_processes(accelerator)
 
 
+def image_conditioning(args, prompt_encoder, batch, image):
+    """The captions' conditioning with the time_ids (original size, crop) of the winners ("w") or losers ("l")."""
+    return prompt_encoder.encode(batch["captions"], batch[f"original_sizes_{image}"], batch[f"crop_top_lefts_{image}"],
+                                 (args.resolution, args.resolution))
+
+
 def pair_conditioning(args, prompt_encoder, batch):
     """Winner rows then loser rows: they share the caption, their time_ids (original size, crop) can differ."""
-    target = (args.resolution, args.resolution)
-    cond_w = prompt_encoder.encode(batch["captions"], batch["original_sizes_w"], batch["crop_top_lefts_w"], target)
-    cond_l = prompt_encoder.encode(batch["captions"], batch["original_sizes_l"], batch["crop_top_lefts_l"], target)
-    cond = Conditioning.cat([cond_w, cond_l])
+    cond = Conditioning.cat([image_conditioning(args, prompt_encoder, batch, image) for image in ("w", "l")])
     return cond, prompt_encoder.unconditional(cond)
 
 
@@ -887,8 +891,7 @@ def training_step(args, accelerator, unet, reference, prompt_encoder, vae, batch
     latents_w = encode_images(vae, batch["pixel_values_w"])
     latents_l = encode_images(vae, batch["pixel_values_l"])
     if args.loss_type in ("diffusion_dpo", "sft"):
-        target = (args.resolution, args.resolution)
-        cond_w = prompt_encoder.encode(batch["captions"], batch["original_sizes_w"], batch["crop_top_lefts_w"], target)
+        cond_w = image_conditioning(args, prompt_encoder, batch, "w")
         return noising_loss(args, accelerator, unet, reference, latents_w, latents_l, cond_w, train_alphas, generator)
     cond, uncond = pair_conditioning(args, prompt_encoder, batch)
     trajectories = invert_pairs(args, reference, torch.cat([latents_w, latents_l]), cond, uncond, schedule, cache)

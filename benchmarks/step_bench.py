@@ -76,13 +76,12 @@ class Bench:
         from accelerate import Accelerator
 
         from inversion import Conditioning
-        from tiny_models import SCHEDULER_CONFIG, build_tiny_sdxl
+        from tiny_models import build_tiny_sdxl
         from train_inversion_dpo import Reference
 
-        self.config, self.mode, self.lora, self.chunk = config, mode, lora, chunk
+        self.mode, self.chunk = mode, chunk
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.bfloat16 if config == "sdxl" else torch.float32
-        self.scheduler_config = SCHEDULER_CONFIG
         self.accelerator = Accelerator(cpu=self.device.type == "cpu",
                                        mixed_precision="bf16" if self.dtype == torch.bfloat16 else "no")
         torch.manual_seed(0)
@@ -105,6 +104,7 @@ class Bench:
         self.uncond = Conditioning(torch.zeros(2, tokens, width), torch.zeros(2, pooled), time_ids).to(self.device)
         self.latents = torch.randn(2, 4, side, side).to(self.device)
 
+        self.reference_unet = None
         if lora:
             from peft import LoraConfig
 
@@ -114,10 +114,8 @@ class Bench:
             for p in policy.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-            self.reference_unet = None
             self.reference = Reference(lora_unet=policy)  # the policy with its adapters off, as in the trainer
         else:
-            self.reference_unet = None
             if load_reference:  # a separate frozen copy in the compute dtype, as load_reference does
                 self.reference_unet = copy.deepcopy(policy).requires_grad_(False).eval().to(self.device, self.dtype)
                 if policy.is_gradient_checkpointing:
@@ -125,10 +123,10 @@ class Bench:
             self.reference = Reference(load=self._reference_or_fail)
         policy.train()
         self.unwrapped = policy
-        self.params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=1e-6)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.cache_dir = cache_dir
+        self._setups = {}
 
     def _reference_or_fail(self):
         if self.reference_unet is None:
@@ -146,36 +144,34 @@ class Bench:
                            "--num_inference_steps", str(num_steps), "--trajectory_chunk_size", str(chunk),
                            "--resolution", str(self.resolution), *extra])
 
-    def cache(self, num_steps):
-        from trajectory_cache import TrajectoryCache
+    def setup(self, num_steps):
+        """(trainer arguments, schedule, timestep weights, cache or None) for N steps, made once: what the trainer
+        prepares before its loop stays out of the timed step."""
+        if num_steps not in self._setups:
+            import losses
+            from inversion import InversionSchedule
+            from tiny_models import SCHEDULER_CONFIG
+            from trajectory_cache import TrajectoryCache
 
-        if self.mode != "cached":
-            return None
-        return TrajectoryCache(self.cache_dir, "bench", {"N": num_steps})
-
-    def schedule(self, num_steps):
-        import losses
-        from inversion import InversionSchedule
-
-        schedule = InversionSchedule.from_scheduler_config(self.scheduler_config, num_steps)
-        return schedule, losses.timestep_weights(schedule.alphas[1:], "official").to(self.device)
+            schedule = InversionSchedule.from_scheduler_config(SCHEDULER_CONFIG, num_steps)
+            weights = losses.timestep_weights(schedule.alphas[1:], "official").to(self.device)
+            cache = TrajectoryCache(self.cache_dir, "bench", {"N": num_steps}) if self.mode == "cached" else None
+            self._setups[num_steps] = (self.trainer_args(num_steps), schedule, weights, cache)
+        return self._setups[num_steps]
 
     def fill(self, num_steps):
         """Write the trajectories of N steps into the cache (what --fill_inversion_cache does)."""
         from train_inversion_dpo import invert_pairs
 
-        schedule, _ = self.schedule(num_steps)
-        invert_pairs(self.trainer_args(num_steps), self.reference, self.latents, self.cond, self.uncond, schedule,
-                     self.cache(num_steps))
+        args, schedule, _, cache = self.setup(num_steps)
+        invert_pairs(args, self.reference, self.latents, self.cond, self.uncond, schedule, cache)
 
     def step(self, num_steps):
         """One optimiser step: trajectories (inverted, or read from the cache), the loss and its gradient, AdamW."""
         from train_inversion_dpo import invert_pairs, trajectory_loss
 
-        args = self.trainer_args(num_steps)
-        schedule, weights = self.schedule(num_steps)
-        trajectories = invert_pairs(args, self.reference, self.latents, self.cond, self.uncond, schedule,
-                                    self.cache(num_steps))
+        args, schedule, weights, cache = self.setup(num_steps)
+        trajectories = invert_pairs(args, self.reference, self.latents, self.cond, self.uncond, schedule, cache)
         trajectory_loss(args, self.accelerator, self.policy, trajectories, self.cond, self.uncond, weights,
                         torch.Generator())
         self.optimizer.step()
@@ -263,7 +259,7 @@ def run_one(args):
               "peak_memory_bytes": peak, "peak_reserved_bytes": reserved, "unet_calls": calls["count"],
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
               "config": args.config, "resolution": bench.resolution, "lora": args.lora, "compile": args.compile,
-              "trajectory_chunk_size": bench.trainer_args(args.N).trajectory_chunk_size,
+              "trajectory_chunk_size": bench.setup(args.N)[0].trajectory_chunk_size,
               "flops_per_step": model_flops, "executed_flops_per_step": executed_flops,
               "gradient_checkpointing": bench.unwrapped.is_gradient_checkpointing, "compile_seconds": warmup_seconds,
               "torch": torch.__version__}
