@@ -4,8 +4,10 @@ time, and turned into SDXL-ready batches in which unreadable rows are skipped an
 from __future__ import annotations
 
 import copy
+import csv
 import functools
 import io
+import json
 import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from datasets.data_files import DataFilesDict, get_data_patterns
 from PIL import Image, ImageOps
@@ -36,6 +39,8 @@ WINNER_NAMES = ("chosen", "winner")
 LOSER_NAMES = ("rejected", "loser")
 PICKAPIC_IMAGES_AND_LABEL = ("jpg_0", "jpg_1", "label_0")
 SAVED_DATASET_STREAM_SHARDS = 64
+LISTED_FILES = 10
+BULLET = "\n  - "
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 TEXT_DTYPES = {"string", "large_string"}
 IMAGE_VALUE_DTYPES = {"binary", "large_binary", "string", "large_string"}
@@ -467,42 +472,168 @@ def _load_hub(name: str, config: PreferenceDataConfig) -> datasets.Dataset | dat
 
 
 def _load_local(path: Path, config: PreferenceDataConfig) -> datasets.Dataset | datasets.IterableDataset:
+    """The rows of a local data file, folder of data files or save_to_disk folder; data files are checked first."""
     if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
         return _load_saved(path, config)
-    files = [path] if path.is_file() else _split_files(path, config.dataset_split)
-    formats = {DATA_FORMATS.get(file.suffix) for file in files}
-    if len(formats) != 1 or None in formats:
+    if not path.is_file():
+        folder, files = path, _split_files(path, config.dataset_split)
+    elif path.suffix in DATA_FORMATS:
+        folder, files = path.parent, [path]
+    else:
         raise ValueError(
             f"{path} must be one data file or a folder of data files of one format ({', '.join(DATA_FORMATS)}), "
-            f"a save_to_disk folder, or a manifest; found {sorted({file.suffix or file.name for file in files})}."
+            f"a save_to_disk folder, or a manifest; found {path.suffix or path.name!r}."
         )
-    data_format = formats.pop()
-    data_files = [str(file) for file in files]
+    columns = _data_file_columns(folder, files, config)
+    data_format = DATA_FORMATS[next(iter(columns)).suffix]
+    data_files = [str(file) for file in columns]
     if data_format == "arrow" and not config.streaming:
         # Arrow shards are memory-mapped as they are; load_dataset would first copy them into the cache.
         return datasets.concatenate_datasets([datasets.Dataset.from_file(file) for file in data_files])
-    return datasets.load_dataset(
-        data_format, data_files=data_files, split="train", cache_dir=config.cache_dir, streaming=config.streaming
-    )
+    groups = [data_files]
+    if data_format == "csv" and not config.streaming:
+        # pandas keeps each csv file's column order and the csv builder writes them to one table unreordered, which
+        # fails; files loaded per column order are concatenated by column name instead.
+        by_order: dict[tuple, list[str]] = {}
+        for file, names in columns.items():
+            by_order.setdefault(tuple(names), []).append(str(file))
+        groups = list(by_order.values())
+    loaded = [
+        datasets.load_dataset(
+            data_format, data_files=group, split="train", cache_dir=config.cache_dir, streaming=config.streaming
+        )
+        for group in groups
+    ]
+    return loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
     """The data files of `split` in `folder`, split by file and folder names as on the hub (all files: train)."""
     try:
         by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
-    except FileNotFoundError:
-        raise ValueError(f"{folder} holds no data files.") from None
+    except FileNotFoundError:  # no files, or hidden ones only
+        by_split = DataFilesDict()
     files_by_split = {
         str(name): [Path(file) for file in files if Path(file).suffix in DATA_FORMATS]
         for name, files in by_split.items()
     }
     files_by_split = {name: files for name, files in files_by_split.items() if files}
+    if not files_by_split:
+        found = sorted({str(Path(file).relative_to(folder)) for files in by_split.values() for file in files})
+        raise ValueError(
+            f"{folder} holds no data files, which end in {', '.join(DATA_FORMATS)} (its subfolders are searched "
+            f"too), and is no save_to_disk folder; found: {_some(found, ', ') or 'nothing'}."
+        )
     if split not in files_by_split:
         raise ValueError(
             f"{folder} has no data files ({', '.join(DATA_FORMATS)}) for split {split!r}; "
-            f"splits found: {sorted(files_by_split) or 'none'} (choose one with --dataset_split)."
+            f"splits found: {sorted(files_by_split)} (choose one with --dataset_split)."
         )
     return files_by_split[split]
+
+
+def _data_file_columns(
+    folder: Path, files: list[Path], config: PreferenceDataConfig
+) -> dict[Path, list[str] | None]:
+    """The columns of each data file, read from its metadata or first line only (see `_file_columns`).
+
+    Raises ValueError, before datasets converts anything, when the files mix formats, when some cannot be read
+    (empty ones included) or when their column sets differ: datasets would stop midway through its conversion.
+    """
+    by_format: dict[str, list[str]] = {}
+    for file in files:
+        by_format.setdefault(DATA_FORMATS[file.suffix], []).append(str(file.relative_to(folder)))
+    if len(by_format) > 1:
+        listing = "".join(f"{BULLET}{data_format}: {_some(names, ', ')}" for data_format, names in by_format.items())
+        raise ValueError(
+            f"{folder} mixes data formats, which datasets cannot read as one dataset:{listing}\n"
+            "Keep the files of one format in the folder (move the others out), or point --dataset_name at one file."
+        )
+    columns: dict[Path, list[str] | None] = {}
+    unreadable = []
+    for file in files:
+        try:
+            columns[file] = _file_columns(file, DATA_FORMATS[file.suffix])
+        except (OSError, ValueError, csv.Error) as error:  # empty, truncated or not of its format: name them all
+            unreadable.append(f"{file.relative_to(folder)}: {error}")
+    if unreadable:
+        raise ValueError(
+            f"datasets cannot read these data files in {folder}:{BULLET}{_some(unreadable, BULLET)}\n"
+            "Delete them from the folder (or write them again)."
+        )
+    by_columns: dict[frozenset, list[Path]] = {}
+    for file, names in columns.items():
+        if names is not None:
+            by_columns.setdefault(frozenset(names), []).append(file)
+    if len(by_columns) > 1:
+        raise ValueError(_different_columns_message(folder, list(by_columns.values()), columns, config))
+    return columns
+
+
+def _file_columns(file: Path, data_format: str) -> list[str] | None:
+    """The columns of a data file, from its metadata, schema or first line; None for a json file whose first line
+    is no JSON object (no rows, or not JSON lines), which datasets reads whole.
+
+    Raises ValueError (or the reader's error) saying why datasets could not read the file.
+    """
+    if data_format == "json":
+        # An empty json file loads, as no rows; its first line is all that is read here.
+        with file.open(encoding="utf-8") as lines:
+            first = next((line for line in lines if line.strip()), "")
+        try:
+            record = json.loads(first)
+        except json.JSONDecodeError:
+            return None
+        return list(record) if isinstance(record, dict) else None
+    if file.stat().st_size == 0:
+        raise ValueError("empty (0 bytes)")
+    if data_format == "csv":
+        with file.open(encoding="utf-8-sig", newline="") as text:
+            header = next((row for row in csv.reader(text) if row), None)
+        if header is None:
+            raise ValueError("no header line")
+        return header
+    if data_format == "parquet":
+        with pq.ParquetFile(file) as parquet:
+            if parquet.metadata.num_rows == 0:
+                raise ValueError("no rows (datasets cannot read a parquet file without rows)")
+            return parquet.schema_arrow.names
+    with pa.memory_map(str(file)) as source:
+        try:
+            return pa.ipc.open_stream(source).schema.names
+        except pa.ArrowInvalid:  # datasets' arrow builder also reads the Arrow file format
+            return pa.ipc.open_file(source).schema.names
+
+
+def _different_columns_message(
+    folder: Path, groups: list[list[Path]], columns: dict[Path, list[str] | None], config: PreferenceDataConfig
+) -> str:
+    """What to say when the data files in `groups` (one list per column set) differ in columns."""
+    usable = []
+    lines = []
+    for group in groups:
+        try:
+            detect_columns(columns[group[0]], config)
+        except ValueError:
+            verdict = "no preference schema"
+        else:
+            usable.append(group[0])
+            verdict = "preference pairs"
+        names = _some([str(file.relative_to(folder)) for file in group], ", ")
+        lines.append(f"{BULLET}{names}: {', '.join(columns[group[0]])} ({verdict})")
+    example = f" (e.g. --dataset_name {usable[0]})" if usable else ""
+    help_text = "" if usable else f"\n{SCHEMA_HELP}"
+    return (
+        f"{folder} holds data files with different columns, which datasets cannot read as one table:{''.join(lines)}"
+        f"\nPoint --dataset_name at one file{example}, or at a folder holding only files with the same columns."
+        f"{help_text}"
+    )
+
+
+def _some(items: list[str], separator: str) -> str:
+    """The first LISTED_FILES of `items` joined by `separator`, and how many more there are."""
+    more = f" (and {len(items) - LISTED_FILES} more)" if len(items) > LISTED_FILES else ""
+    return separator.join(items[:LISTED_FILES]) + more
 
 
 def _load_saved(path: Path, config: PreferenceDataConfig) -> datasets.Dataset | datasets.IterableDataset:

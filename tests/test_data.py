@@ -1,6 +1,7 @@
 """Tests of data.py on small preference datasets built here: every source kind and schema, labels, ties, identical
 pairs, image modes, joint crop/flip, resume order, streaming, and bad rows skipped with DataLoader workers."""
 
+import csv
 import io
 import json
 import logging
@@ -323,6 +324,171 @@ def test_other_source_errors(tmp_path):
     assert "splits found: ['train']" in load_error(tmp_path, dataset_name=str(folder), dataset_split="validation")
     ties = write_pickapic_parquet(tmp_path / "t.parquet", [("tie", solid(RED), solid(BLUE), 0.5)])
     assert "all 1 rows are ties" in load_error(tmp_path, dataset_name=ties)
+
+
+# --- local folders whose data files disagree: named before any conversion -----------------------------------------
+
+
+@pytest.fixture
+def no_conversion(monkeypatch):
+    """Fail a test that lets datasets start converting the data files."""
+    def converting(*args, **kwargs):
+        raise AssertionError("datasets was asked to convert the data files")
+
+    monkeypatch.setattr(data.datasets, "load_dataset", converting)
+
+
+def write_data_file(path, columns):
+    """Write `columns` ({name: values}) to `path`, in the format its extension names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(columns)
+    if path.suffix == ".parquet":
+        pq.write_table(table, path)
+    elif path.suffix == ".arrow":
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+    else:
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(table.to_pylist())
+
+
+def pickapic_columns(n=1):
+    return dict(zip(PICKAPIC_COLUMNS, zip(*red_wins_pickapic(n))))
+
+
+def other_columns(n=1):
+    return {"caption": ["x"] * n, "image_a": [solid(RED)] * n, "image_b": [solid(BLUE)] * n, "label": [1.0] * n}
+
+
+def test_shards_with_different_columns_are_named_by_column_set(tmp_path, no_conversion):
+    folder = tmp_path / "prefs"
+    write_data_file(folder / "part-0.parquet", pickapic_columns())
+    write_data_file(folder / "part-1.parquet", pickapic_columns())
+    write_data_file(folder / "extra/ab.parquet", other_columns())
+    message = load_error(tmp_path, train_data_dir=str(folder))
+    assert f"{folder} holds data files with different columns" in message
+    assert "\n  - extra/ab.parquet: caption, image_a, image_b, label (no preference schema)" in message
+    assert "\n  - part-0.parquet, part-1.parquet: caption, jpg_0, jpg_1, label_0 (preference pairs)" in message
+    assert f"(e.g. --dataset_name {folder / 'part-0.parquet'})" in message
+    assert "a folder holding only files with the same columns" in message
+    flagged = load_error(tmp_path, train_data_dir=str(folder), image_0_column="image_a", image_1_column="image_b",
+                         label_column="label")
+    assert "ab.parquet: caption, image_a, image_b, label (preference pairs)" in flagged
+    assert f"--dataset_name {folder / 'extra/ab.parquet'}" in flagged
+
+
+def test_different_columns_none_of_them_pairs_shows_the_schemas(tmp_path, no_conversion):
+    write_data_file(tmp_path / "d/a.jsonl", {"text": ["t"], "image": ["a.png"]})
+    write_data_file(tmp_path / "d/b.jsonl", {"prompt": ["t"], "good": ["a.png"], "bad": ["b.png"]})
+    message = load_error(tmp_path, dataset_name=str(tmp_path / "d"))
+    assert "a.jsonl: text, image (no preference schema)" in message
+    assert "b.jsonl: prompt, good, bad (no preference schema)" in message
+    assert "e.g." not in message and "Supported schemas" in message
+
+
+def path_pairs(folder, n, order):
+    """`n` pairs (red wins) whose images are files in `folder`, as columns in the order `order`."""
+    (folder / "red.png").write_bytes(solid(RED))
+    (folder / "blue.png").write_bytes(solid(BLUE))
+    columns = {"prompt": [f"p{i}" for i in range(n)], "chosen": ["red.png"] * n, "rejected": ["blue.png"] * n}
+    return {name: columns[name] for name in order}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("extension", [".parquet", ".arrow", ".jsonl", ".csv"])
+def test_shards_with_the_same_columns_in_another_order_load(extension, streaming, tmp_path):
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    write_data_file(folder / f"a{extension}", path_pairs(folder, 2, ("prompt", "chosen", "rejected")))
+    write_data_file(folder / f"b{extension}", path_pairs(folder, 1, ("rejected", "prompt", "chosen")))
+    dataset = load(tmp_path, dataset_name=str(folder), streaming=streaming)
+    batch = first_batch(dataset)
+    assert sorted(batch["captions"]) == ["p0", "p0", "p1"] and batch["skipped"] == []
+    assert all(all_red(pixels) for pixels in batch["pixel_values_w"])
+
+
+def test_mixed_formats_are_named_per_format(tmp_path, no_conversion):
+    folder = tmp_path / "prefs"
+    write_data_file(folder / "a.parquet", pickapic_columns())
+    write_data_file(folder / "b.jsonl", {"caption": ["c"], "jpg_0": ["x.png"], "jpg_1": ["y.png"], "label_0": [1]})
+    (folder / "c.json").write_text('[{"caption": "c"}]')
+    message = load_error(tmp_path, dataset_name=str(folder))
+    assert f"{folder} mixes data formats" in message
+    assert "\n  - parquet: a.parquet\n" in message and "\n  - json: b.jsonl, c.json\n" in message
+    assert "point --dataset_name at one file" in message
+
+
+@pytest.mark.parametrize("extension, bad_files, reasons", [
+    (".parquet", {"empty.parquet": b"", "corrupt.parquet": b"not parquet at all"},
+     {"empty.parquet": "empty (0 bytes)", "corrupt.parquet": "Parquet magic bytes not found",
+      "no_rows.parquet": "no rows (datasets cannot read a parquet file without rows)"}),
+    (".arrow", {"empty.arrow": b"", "corrupt.arrow": b"not arrow at all"},
+     {"empty.arrow": "empty (0 bytes)", "corrupt.arrow": "corrupt.arrow: "}),
+    (".csv", {"empty.csv": b"", "blank.csv": b"\n\n"},
+     {"empty.csv": "empty (0 bytes)", "blank.csv": "no header line"}),
+])
+def test_empty_and_unreadable_shards_are_named(extension, bad_files, reasons, tmp_path, no_conversion):
+    folder = tmp_path / "prefs"
+    write_data_file(folder / f"good{extension}", path_pairs(tmp_path, 1, ("prompt", "chosen", "rejected")))
+    for name, content in bad_files.items():
+        (folder / name).write_bytes(content)
+    if extension == ".parquet":
+        write_data_file(folder / "no_rows.parquet", {name: [] for name in PICKAPIC_COLUMNS})
+    message = load_error(tmp_path, dataset_name=str(folder))
+    assert f"datasets cannot read these data files in {folder}:" in message
+    for name, reason in reasons.items():
+        assert f"\n  - {name}: " in message and reason in message
+    assert f"good{extension}" not in message and message.endswith("Delete them from the folder (or write them again).")
+
+
+def test_a_single_empty_file_is_named(tmp_path, no_conversion):
+    (tmp_path / "p.parquet").write_bytes(b"")
+    message = load_error(tmp_path, dataset_name=str(tmp_path / "p.parquet"))
+    assert f"in {tmp_path}:\n  - p.parquet: empty (0 bytes)" in message
+
+
+def test_empty_jsonl_beside_good_ones_still_loads(tmp_path):
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    write_data_file(folder / "a.jsonl", path_pairs(folder, 2, ("prompt", "chosen", "rejected")))
+    (folder / "b.jsonl").write_text("")
+    assert load(tmp_path, dataset_name=str(folder)).stats["kept"] == 2
+
+
+def test_folder_without_data_files_names_the_extensions_read(tmp_path, no_conversion):
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    message = load_error(tmp_path, dataset_name=str(folder))
+    assert f"{folder} holds no data files, which end in {', '.join(data.DATA_FORMATS)}" in message
+    assert "found: nothing" in message and ".parquet, .arrow, .jsonl, .json, .csv" in message
+    (folder / "notes.txt").write_text("no data")
+    (folder / "img").mkdir()
+    (folder / "img/red.png").write_bytes(solid(RED))
+    assert "found: img/red.png, notes.txt." in load_error(tmp_path, train_data_dir=str(folder))
+
+
+def test_the_trainer_reports_a_bad_data_folder_before_loading_models(tmp_path, monkeypatch, no_conversion):
+    import train_inversion_dpo
+
+    def load_models(args):
+        raise AssertionError("models were loaded before the data was checked")
+
+    monkeypatch.setattr(train_inversion_dpo, "load_models", load_models)
+    write_data_file(tmp_path / "prefs/jpg.parquet", pickapic_columns())
+    write_data_file(tmp_path / "prefs/ab.parquet", other_columns())
+    args = train_inversion_dpo.parse_args(["--pretrained_model_name_or_path", "unused", "--dataset_name",
+                                           str(tmp_path / "prefs"), "--output_dir", str(tmp_path / "out"),
+                                           "--report_to", "none"])
+    with pytest.raises(SystemExit) as error:
+        train_inversion_dpo.main(args)
+    message = str(error.value)
+    assert message.startswith(f"error: {tmp_path / 'prefs'} holds data files with different columns")
+    assert "ab.parquet: caption, image_a, image_b, label" in message and "jpg.parquet: caption, jpg_0" in message
+    assert "DatasetGenerationError" not in message
 
 
 # --- images --------------------------------------------------------------------------------------------------------
