@@ -304,6 +304,9 @@ def parse_args(input_args=None):
 
 
 def main(args):
+    from train_inversion_dpo import quiet_startup_warnings
+
+    quiet_startup_warnings()
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out_dir = Path(args.out_dir)
     prompts = load_prompts(args.prompts, args.max_prompts)

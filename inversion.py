@@ -292,6 +292,20 @@ def forward_noise(latents, noise, alphas):
     return alphas.sqrt() * latents.float() + (1 - alphas).sqrt() * noise.float()
 
 
+def anchored_noise(latents, alphas):
+    """The effective noise of each trajectory point relative to the clean latent, the anchored form's target:
+
+        eps^_i = (x_i - sqrt(a(tau_i)) * x_0) / sqrt(1 - a(tau_i)),  so that x_i = sqrt(a) x_0 + sqrt(1 - a) eps^_i
+
+    latents: (B, N+1, ...) holding x_0..x_N; alphas: (N+1,) a(tau_0)..a(tau_N). Returns (B, N, ...) for i = 1..N,
+    float32.
+    """
+    latents = latents.float()
+    alphas = torch.as_tensor(alphas, dtype=torch.float32, device=latents.device)[1:]
+    alphas = alphas.reshape(1, -1, *([1] * (latents.ndim - 2)))
+    return (latents[:, 1:] - alphas.sqrt() * latents[:, :1]) / (1 - alphas).sqrt()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Trajectories
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Every loss takes per-sample squared errors (mean over latent elements) that the 
 
     D_i = mean (eps~_theta(x_{i-1}, tau_i) - e_i)^2            paper / official forms
     E_i(m) = mean (eps~_m(x_i, tau_i) - e_i)^2, m in {theta, ref}  exact form
+    E_i(m) = mean (eps~_m(x_i, tau_i) - eps^_i)^2                   anchored form (eps^_i: inversion.anchored_noise)
     S = (1/N) sum_i w_i * (policy error_i - reference error_i)      (reference error is 0 in the paper forms)
     loss = -log sigmoid(margin),  margin = -beta/2 * (S_w - S_l)   (official form: +beta/2)
 
@@ -18,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 WEIGHTINGS = ("official", "uniform")
-LOSS_TYPES = ("inversion_dpo", "inversion_dpo_official", "inversion_dpo_exact", "diffusion_dpo", "sft")
+LOSS_TYPES = ("inversion_dpo", "inversion_dpo_official", "inversion_dpo_exact", "inversion_dpo_x0", "diffusion_dpo",
+              "sft")
+SATURATION_MARGIN = 5.0  # |margin| above this: sigmoid within 0.7% of 0 or 1, the pair's gradient nearly gone
 
 
 @dataclass
@@ -87,6 +90,7 @@ def preference_loss(policy_w, reference_w, policy_l, reference_l, weights, beta,
         "loss": loss.detach(),
         "margin": margin.detach().mean(),
         "implicit_accuracy": (margin.detach() > 0).float().mean(),
+        "saturated": (margin.detach().abs() > SATURATION_MARGIN).float().mean(),
         "score_w": score_w.detach().mean(),
         "score_l": score_l.detach().mean(),
     }
@@ -118,6 +122,17 @@ def inversion_dpo_exact(policy_w, reference_w, policy_l, reference_l, weights, b
     E_i(m) = mean (eps~_m(x_i, tau_i) - e_i)^2 for m = policy (policy_*) and reference (reference_*), (B, N) each;
     S = (1/N) sum w_i (E_i(theta) - E_i(ref)); loss = -log sigmoid(-beta/2 (S_w - S_l)). Loss log 2 and a
     non-zero gradient at theta = ref.
+    """
+    return preference_loss(policy_w, reference_w, policy_l, reference_l, weights, beta)
+
+
+def inversion_dpo_x0(policy_w, reference_w, policy_l, reference_l, weights, beta):
+    """Anchored form: Diffusion-DPO's denoising error taken at the points of the reference's inversion path.
+
+    E_i(m) = mean (eps~_m(x_i, tau_i) - eps^_i)^2 for m = policy (policy_*) and reference (reference_*), (B, N) each,
+    where eps^_i = (x_i - sqrt(a_i) x_0) / sqrt(1 - a_i) is x_i's noise relative to the clean latent;
+    S = (1/N) sum w_i (E_i(theta) - E_i(ref)); loss = -log sigmoid(-beta/2 (S_w - S_l)). Loss log 2 and a non-zero
+    gradient at theta = ref. One random step per pair with uniform weights is InPO's loss on this inversion.
     """
     return preference_loss(policy_w, reference_w, policy_l, reference_l, weights, beta)
 

@@ -210,6 +210,9 @@ def main():
     evaluate.add_argument("--samples", type=int, default=256)
     evaluate.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    from train_inversion_dpo import quiet_startup_warnings
+
+    quiet_startup_warnings()
     try:
         run(args)
     except OSError as error:  # a read-only or full output location

@@ -28,6 +28,7 @@ from inversion import (
     Conditioning,
     InversionSchedule,
     PromptEncoder,
+    anchored_noise,
     ddim_invert,
     forward_noise,
     predict_on_trajectory,
@@ -38,13 +39,33 @@ from trajectory_cache import TrajectoryCache, weights_fingerprint
 logger = logging.getLogger("train_inversion_dpo")
 
 DEFAULT_BETA = {"inversion_dpo": 2000.0, "inversion_dpo_official": 2000.0, "inversion_dpo_exact": 2000.0,
+                "inversion_dpo_x0": 2000.0,
                 "diffusion_dpo": 5000.0, "sft": None}
 PAPER_FORMS = ("inversion_dpo", "inversion_dpo_official")
+AT_END_FORMS = ("inversion_dpo_exact", "inversion_dpo_x0")  # evaluated at x_i, with the reference's own term there
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is ignored on resume
 MEMORY_FLAGS = ("--train_batch_size (lower, with more --gradient_accumulation_steps)", "--trajectory_chunk_size",
                 "--gradient_checkpointing", "--use_lora", "--mixed_precision bf16", "--use_adafactor",
                 "--num_inference_steps")
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record):
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+def quiet_startup_warnings():
+    """Drop two warnings that every launch printed about things this project does not use, and nothing else:
+    transformers' note that torchvision is missing for image processors (the pipelines' safety-checker feature
+    extractors; the trainer never builds one), and diffusers' "modules that should be kept in float32: []" on a
+    dtype cast of a model that has no such module."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_DropMessages("requires torchvision (not installed)"))
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropMessages("should be kept in float32: [].",))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,10 +113,15 @@ def parse_args(input_args=None):
                         help="inversion_dpo: the paper's loss. inversion_dpo_official: the released code's sign "
                              "(opposite to the paper; for reproduction only). inversion_dpo_exact: the "
                              "trajectory-consistent form, which also moves from a policy equal to the reference. "
-                             "diffusion_dpo, sft: baselines.")
+                             "inversion_dpo_x0: the anchored form (the denoising error toward x_0's noise, at the "
+                             "inversion's points). diffusion_dpo, sft: baselines.")
     method.add_argument("--beta_dpo", type=float, default=None,
                         help="DPO temperature (default 2000 for the inversion forms, 5000 for diffusion_dpo).")
     method.add_argument("--num_inference_steps", type=int, default=80, help="DDIM inversion steps N.")
+    method.add_argument("--inversion_steps_offset", type=int, default=None,
+                        help="steps_offset of the inversion schedule (default: the model's scheduler config; SDXL "
+                             "says 1, timesteps 1, 13, ..., 949 at N = 80). The released code used 0 (0, 12, ..., "
+                             "948): give 0 to reproduce it.")
     method.add_argument("--inversion_guidance_scale", type=float, default=2.0,
                         help="Classifier-free guidance for inversion and for the policy along the trajectory; "
                              "1 runs the conditional branch only (half the compute).")
@@ -163,6 +189,9 @@ def parse_args(input_args=None):
     optim.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Decoupled weight decay (also Adafactor's).")
     optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip threshold; 0 turns clipping off.")
+    optim.add_argument("--max_nonfinite_steps", type=int, default=10,
+                       help="Stop after this many optimiser steps in a row whose loss or gradient is not finite "
+                            "(each is skipped: no weight or optimiser state changes).")
     optim.add_argument("--train_batch_size", type=int, default=1, help="Pairs per process per micro-step.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (overrides epochs).")
@@ -215,6 +244,10 @@ def validate_args(parser, args):
         parser.error(f"{', '.join(compile_flags)} given without --torch_compile; add --torch_compile or drop them")
     if args.torch_compile_mode and (args.torch_compile_backend or "inductor") != "inductor":
         parser.error("--torch_compile_mode applies to the inductor backend only; drop it or --torch_compile_backend")
+    if args.inversion_steps_offset is not None and args.inversion_steps_offset < 0:
+        parser.error(f"--inversion_steps_offset {args.inversion_steps_offset} must be 0 or more")
+    if args.max_nonfinite_steps < 1:
+        parser.error("--max_nonfinite_steps must be at least 1")
     if args.trajectory_chunk_size < 1:
         parser.error("--trajectory_chunk_size must be at least 1")
     if args.fill_inversion_cache and not args.inversion_cache_dir:
@@ -276,6 +309,15 @@ def load_models(args):
                 scheduler_config=scheduler_config, is_sdxl=is_sdxl)
 
 
+def inversion_scheduler_config(args, scheduler_config):
+    """The model's scheduler config with --inversion_steps_offset applied: the inversion schedule and the trajectory
+    cache's key are built from it (validation sampling keeps the model's own config)."""
+    config = dict(scheduler_config)
+    if args.inversion_steps_offset is not None:
+        config["steps_offset"] = args.inversion_steps_offset
+    return config
+
+
 def load_reference(args, device, dtype):
     """Full fine-tune: a second, frozen copy of the base UNet, kept on the device in the mixed-precision dtype."""
     from diffusers import UNet2DConditionModel
@@ -335,6 +377,21 @@ def reference_mode(unet):
         unet.enable_adapters()
 
 
+def set_peak_learning_rate(lr_scheduler, learning_rate):
+    """After a resume, train at this run's --learning_rate (a checkpoint's scheduler state holds the old one), at the
+    same point of the schedule."""
+    scheduler = lr_scheduler.scheduler
+    if not hasattr(scheduler, "lr_lambdas") or scheduler.base_lrs == [learning_rate] * len(scheduler.base_lrs):
+        return
+    logger.info("learning rate %s from the checkpoint replaced by --learning_rate %s", scheduler.base_lrs[0],
+                learning_rate)
+    scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+    rates = [learning_rate * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
 def make_optimizer(args, params):
     if args.use_adafactor:
         from transformers.optimization import Adafactor
@@ -365,11 +422,19 @@ def encode_images(vae, pixel_values):
     return latents.float() * vae.config.scaling_factor
 
 
-def policy_errors(policy, trajectories, cond, uncond, args, at, steps):
-    """(rows, K) squared errors of the policy against the stored e_i at the trajectory points of `steps`."""
+def loss_targets(args, trajectories):
+    """(rows, N, C, H, W): what a prediction at each step is compared with: the stored e_i, or for the anchored form
+    eps^_i, x_i's noise relative to x_0."""
+    if args.loss_type == "inversion_dpo_x0":
+        return anchored_noise(trajectories.latents, trajectories.alphas)
+    return trajectories.noise
+
+
+def policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps):
+    """(rows, K) squared errors of the policy against `targets` at the trajectory points of `steps`."""
     prediction = predict_on_trajectory(policy, trajectories, cond, uncond, args.inversion_guidance_scale, at=at,
                                        steps=steps, chunk_size=args.trajectory_chunk_size)
-    return losses.squared_error(prediction, trajectories.noise[:, steps], batch_dims=2)
+    return losses.squared_error(prediction, targets[:, steps], batch_dims=2)
 
 
 def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weights, generator):
@@ -381,7 +446,8 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
     with gradient and backpropagates sum(dL/d(error) * error). Same gradient as one graph, memory of one chunk; under
     DDP only the last backward synchronises.
     """
-    at = "end" if args.loss_type == "inversion_dpo_exact" else "start"
+    at = "end" if args.loss_type in AT_END_FORMS else "start"
+    targets = loss_targets(args, trajectories)
     num_steps = trajectories.num_steps
     steps = torch.arange(num_steps)
     if args.loss_timesteps is not None and args.loss_timesteps < num_steps:
@@ -391,21 +457,21 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
 
     def loss_of(errors):
         errors_w, errors_l = errors.chunk(2)
-        if args.loss_type == "inversion_dpo_exact":
-            reference_errors = losses.squared_error(trajectories.noise_at_end[:, steps], trajectories.noise[:, steps], 2)
+        if args.loss_type in AT_END_FORMS:
+            reference_errors = losses.squared_error(trajectories.noise_at_end[:, steps], targets[:, steps], 2)
             reference_w, reference_l = reference_errors.chunk(2)
-            return losses.inversion_dpo_exact(errors_w, reference_w, errors_l, reference_l, step_weights,
-                                              args.beta_dpo)
+            loss_fn = losses.inversion_dpo_exact if args.loss_type == "inversion_dpo_exact" else losses.inversion_dpo_x0
+            return loss_fn(errors_w, reference_w, errors_l, reference_l, step_weights, args.beta_dpo)
         loss_fn = losses.inversion_dpo if args.loss_type == "inversion_dpo" else losses.inversion_dpo_official
         return loss_fn(errors_w, errors_l, step_weights, args.beta_dpo)
 
     if args.trajectory_chunk_size >= len(steps):
-        output = loss_of(policy_errors(policy, trajectories, cond, uncond, args, at, steps))
+        output = loss_of(policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps))
         accelerator.backward(output.loss * scale)
         return output
 
     with torch.no_grad():
-        errors = policy_errors(policy, trajectories, cond, uncond, args, at, steps)
+        errors = policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps)
     errors.requires_grad_(True)
     with torch.enable_grad():
         output = loss_of(errors)
@@ -413,7 +479,7 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
     chunks = torch.arange(len(steps)).split(args.trajectory_chunk_size)  # positions in `steps`
     for index, positions in enumerate(chunks):
         with contextlib.nullcontext() if index == len(chunks) - 1 else accelerator.no_sync(policy):
-            chunk_errors = policy_errors(policy, trajectories, cond, uncond, args, at, steps[positions])
+            chunk_errors = policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps[positions])
             accelerator.backward((factor[:, positions] * chunk_errors).sum() * scale)
     output.loss = output.loss.detach()
     return output
@@ -444,6 +510,86 @@ def noising_loss(args, accelerator, policy, reference, latents_w, latents_l, con
         output = losses.diffusion_dpo(policy_w, reference_w, policy_l, reference_l, args.beta_dpo)
     accelerator.backward(output.loss / args.gradient_accumulation_steps)
     return output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-finite steps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+NONFINITE_ADVICE = ("a lower --learning_rate, a lower --beta_dpo, --mixed_precision bf16 (or no) instead of fp16, "
+                    "gradient clipping (--max_grad_norm 1)")
+
+
+class NonFiniteGuard:
+    """Counts optimiser steps whose loss or gradient was not finite (each is skipped, see `main`) and says when too
+    many came in a row. Saved in checkpoints (`accelerator.register_for_checkpointing`), so a resumed run counts on."""
+
+    def __init__(self, max_in_a_row):
+        self.max_in_a_row = max_in_a_row
+        self.total = 0
+        self.in_a_row = 0
+
+    def update(self, finite, step, row_ids, process_index):
+        """Record one optimiser step; True when --max_nonfinite_steps non-finite steps have come in a row."""
+        if finite:
+            self.in_a_row = 0
+            return False
+        self.total += 1
+        self.in_a_row += 1
+        logger.warning("step %d: the loss or gradient is not finite; the update is skipped (%d in a row). Pairs on "
+                       "process %d: rows %s", step, self.in_a_row, process_index, row_ids)
+        return self.in_a_row >= self.max_in_a_row
+
+    def state_dict(self):
+        return {"total": self.total, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state):
+        self.total, self.in_a_row = state["total"], state["in_a_row"]
+
+
+def apply_update(accelerator, optimizer, lr_scheduler, finite):
+    """Step the optimiser and the learning-rate schedule only when the step's loss and gradient are `finite`: a
+    non-finite step changes no weight and no optimiser state. With fp16 loss scaling, the scaler (which unscaled the
+    gradient for clipping and saw the overflow) lowers its scale, as in accelerate's own skipped steps."""
+    if finite:
+        optimizer.step()
+        lr_scheduler.step()
+    elif accelerator.scaler is not None:
+        accelerator.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def all_finite(accelerator, tensors):
+    """Whether every element of `tensors` is finite on every process (one collective)."""
+    local = all(bool(torch.isfinite(t).all()) for t in tensors)
+    return bool(accelerator.gather(torch.tensor([local], device=accelerator.device)).all())
+
+
+def json_line(record):
+    """One metrics.jsonl line: strict JSON, with null for a non-finite number."""
+    clean = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def mean_metrics(accelerator, step_metrics):
+    """Each metric's mean over the micro-steps of an optimiser step and over processes: one collective, one sync."""
+    names = list(step_metrics[0])
+    means = torch.stack([torch.stack([m[k].float() for m in step_metrics]).mean() for k in names])
+    return dict(zip(names, accelerator.reduce(means, "mean").tolist()))
+
+
+def require_finite_weights(accelerator, params, global_step, what):
+    """Stop before writing a `what` whose trained weights are not all finite."""
+    if not all_finite(accelerator, params):
+        stop_run(accelerator, f"the trained weights are not finite after step {global_step}, so no {what} was "
+                              f"written. Try {NONFINITE_ADVICE}, then --resume_from_checkpoint latest.")
+
+
+def stop_run(accelerator, message):
+    """End every process with `message` (all processes reach this together: their decisions are collective)."""
+    end_processes(accelerator)
+    raise SystemExit(f"error: {message}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -588,6 +734,25 @@ def end_processes(accelerator):
     accelerator.end_training()
 
 
+class SaturationWatch:
+    """Warns once when most pairs of the batch have been saturated (|margin| > losses.SATURATION_MARGIN: the loss
+    near 0, its gradient vanishing) for `steps` optimiser steps in a row. Past that point Adam's normalised update
+    turns rounding-level gradients into full-size steps, and the model drifts in no direction the data chose."""
+
+    def __init__(self, steps=20):
+        self.steps, self.in_a_row, self.warned = steps, 0, False
+
+    def update(self, logs):
+        saturated = logs.get("saturated")
+        self.in_a_row = self.in_a_row + 1 if saturated is not None and saturated > 0.5 else 0
+        if self.in_a_row >= self.steps and not self.warned:
+            self.warned = True
+            logger.warning(
+                "Most pairs have had |margin| > %g for %d steps in a row: the loss is saturated, so what the model "
+                "learns from here is drift, not the preference. --beta_dpo or --learning_rate is too high for this "
+                "data; lower one of them.", losses.SATURATION_MARGIN, self.in_a_row)
+
+
 def warn_zero_gradient(args, logs):
     """Say in plain words why a step had a gradient of exactly zero, and what to do."""
     if logs.get("margin", 0.0) != 0.0:
@@ -612,6 +777,7 @@ def warn_zero_gradient(args, logs):
 
 
 def main(args):
+    quiet_startup_warnings()
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -669,11 +835,12 @@ def main(args):
     models["vae"].to(accelerator.device, dtype=vae_dtype)
     for encoder in models["text_encoders"]:
         encoder.to(accelerator.device, dtype=weight_dtype)
+    inversion_config = inversion_scheduler_config(args, models["scheduler_config"])
     cache = None
     if args.inversion_cache_dir:
         # The reference is the base UNet as loaded, computing in weight_dtype: fingerprint it before any training.
         settings = dict(num_steps=args.num_inference_steps, guidance=args.inversion_guidance_scale,
-                        scheduler={k: v for k, v in models["scheduler_config"].items() if not k.startswith("_")},
+                        scheduler={k: v for k, v in inversion_config.items() if not k.startswith("_")},
                         zero_unconditional=models["is_sdxl"])
         cache = TrajectoryCache(args.inversion_cache_dir, weights_fingerprint(unet, weight_dtype), settings,
                                 args.inversion_cache_dtype)
@@ -691,7 +858,7 @@ def main(args):
         unet.enable_xformers_memory_efficient_attention()
     compile_unet(unet, args)  # for LoRA, the reference too: the same module with its adapters off
     prompt_encoder = PromptEncoder(models["tokenizers"], models["text_encoders"])
-    schedule = InversionSchedule.from_scheduler_config(models["scheduler_config"], args.num_inference_steps)
+    schedule = InversionSchedule.from_scheduler_config(inversion_config, args.num_inference_steps)
     weights = losses.timestep_weights(schedule.alphas[1:], args.timestep_weighting).to(accelerator.device)
     train_alphas = training_alphas(models["scheduler_config"])
 
@@ -734,6 +901,9 @@ def main(args):
         accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items()
                                                                    if isinstance(v, (int, float, str, bool))})
 
+    nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
+    accelerator.register_for_checkpointing(nonfinite)
+
     # 5. Resume.
     global_step, first_epoch, resume_batches = 0, 0, 0
     if args.resume_from_checkpoint:
@@ -749,6 +919,7 @@ def main(args):
         else:
             logger.info("resuming from %s", path)
             accelerator.load_state(str(path))
+            set_peak_learning_rate(lr_scheduler, args.learning_rate)
             global_step = int(CHECKPOINT_PATTERN.match(path.name).group(1))
             if steps_per_epoch is not None:
                 first_epoch = global_step // steps_per_epoch
@@ -762,8 +933,9 @@ def main(args):
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
     metrics_file = output_dir / "metrics.jsonl"
-    step_metrics = []
+    step_metrics, step_rows = [], []
     zero_gradient_warned = False
+    saturation = SaturationWatch()
     started = time.perf_counter()
     unet.train()
     try:
@@ -786,36 +958,49 @@ def main(args):
                     output = training_step(args, accelerator, unet, reference, prompt_encoder, models["vae"], batch,
                                            schedule, weights, train_alphas, generator, cache)
                     step_metrics.append(output.metrics)
-                    grad_norm = None
+                    step_rows += batch["row_ids"].tolist()
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        grad_norm = float(accelerator.clip_grad_norm_(params, args.max_grad_norm or float("inf")))
+                        # Reduced over processes (a NaN anywhere makes the mean NaN): every process decides alike.
+                        logs = mean_metrics(accelerator, step_metrics)
+                        finite = math.isfinite(logs["loss"]) and math.isfinite(grad_norm)
+                        apply_update(accelerator, optimizer, lr_scheduler, finite)
                 if not accelerator.sync_gradients:
                     continue
 
                 global_step += 1
                 progress.update(1)
-                names = list(step_metrics[0])  # one collective and one device sync for all metrics
-                means = torch.stack([torch.stack([m[k].float() for m in step_metrics]).mean() for k in names])
-                logs = dict(zip(names, accelerator.reduce(means, "mean").tolist()))
-                step_metrics = []
-                logs.update(grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0], epoch=epoch,
-                            bad_rows=bad_rows.bad, elapsed_s=time.perf_counter() - started)
+                too_many_nonfinite = nonfinite.update(finite, global_step, step_rows, accelerator.process_index)
+                step_metrics, step_rows = [], []
+                logs.update(grad_norm=grad_norm, lr=lr_scheduler.get_last_lr()[0], epoch=epoch,
+                            bad_rows=bad_rows.bad, nonfinite_steps=nonfinite.total,
+                            elapsed_s=time.perf_counter() - started)
                 logs["zero_gradient"] = float(logs["grad_norm"] == 0.0)
                 if cache is not None:
                     logs.update(cache.summary())
                 if logs["zero_gradient"] and not zero_gradient_warned:
                     warn_zero_gradient(args, logs)
                     zero_gradient_warned = True
+                saturation.update(logs)
                 progress.set_postfix(loss=f"{logs['loss']:.4g}", acc=f"{logs.get('implicit_accuracy', 0):.2f}",
                                      lr=f"{logs['lr']:.3g}")
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
                     with open(metrics_file, "a") as f:
-                        f.write(json.dumps({"step": global_step, **logs}) + "\n")
-                if global_step % args.checkpointing_steps == 0:
+                        f.write(json_line({"step": global_step, **logs}))
+                if too_many_nonfinite:
+                    progress.close()
+                    last = completed_checkpoints(output_dir)
+                    stop_run(accelerator, f"stopped at step {global_step}: {nonfinite.in_a_row} steps in a row had a "
+                             f"non-finite loss or gradient (--max_nonfinite_steps {args.max_nonfinite_steps}). "
+                             f"Each was skipped and nothing non-finite was saved; the last checkpoint is "
+                             f"{last[-1] if last else 'none'}. Try {NONFINITE_ADVICE}, then "
+                             "--resume_from_checkpoint latest.")
+                if global_step % args.checkpointing_steps == 0 and nonfinite.in_a_row:
+                    logger.warning("no checkpoint at step %d: its step was not finite (the last good one is kept "
+                                   "for --resume_from_checkpoint latest)", global_step)
+                elif global_step % args.checkpointing_steps == 0:
+                    require_finite_weights(accelerator, params, global_step, "checkpoint")
                     save_checkpoint(accelerator, args, global_step)
                 if args.validation_prompts and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     log_validation(accelerator, args, models, unet, pipeline_class, weight_dtype, global_step)
@@ -828,7 +1013,7 @@ def main(args):
                          + "; ".join(MEMORY_FLAGS)) from error
 
     # 7. Save the result where the notebook and `from_pretrained` look for it.
-    accelerator.wait_for_everyone()
+    require_finite_weights(accelerator, params, global_step, "final model")
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         save_unet(final_unet, args, pipeline_class, str(output_dir))
@@ -855,7 +1040,7 @@ def pair_conditioning(args, prompt_encoder, batch):
 
 def invert_pairs(args, reference, latents, cond, uncond, schedule, cache):
     """Trajectories of `latents` under the reference: read from the cache when it holds them, else inverted."""
-    with_noise_at_end = args.loss_type == "inversion_dpo_exact"
+    with_noise_at_end = args.loss_type in AT_END_FORMS
 
     def invert(rows):
         with reference.context():
