@@ -636,13 +636,16 @@ def register_model_hooks(accelerator, args, pipeline_class):
     from diffusers import UNet2DConditionModel
 
     def save_model_hook(models, weights, output_dir):
-        if not accelerator.is_main_process:
-            return
         for model in models:
-            save_unet(accelerator.unwrap_model(model), args, pipeline_class, output_dir)
-            weights.pop()
+            model = full_unet(accelerator, args, model)  # FSDP: every process joins in gathering the weights
+            if accelerator.is_main_process:
+                save_unet(model, args, pipeline_class, output_dir)
+            if weights:  # FSDP and DeepSpeed: accelerate saves the model in its own format and passes no weights
+                weights.pop()
 
     def load_model_hook(models, input_dir):
+        if not models:  # FSDP and DeepSpeed: accelerate has loaded the model from its own files in the checkpoint
+            return
         model = accelerator.unwrap_model(models.pop())
         if args.use_lora:
             from peft import set_peft_model_state_dict
@@ -659,6 +662,25 @@ def register_model_hooks(accelerator, args, pipeline_class):
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def full_unet(accelerator, args, unet):
+    """The trained UNet as a plain module, for saving. Under FSDP each process holds a shard of every weight: every
+    process must call this, the main process gets a plain UNet holding the gathered weights, the others None."""
+    if not accelerator.is_fsdp2:
+        return accelerator.unwrap_model(unet)
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    state = accelerator.get_state_dict(unet)  # the full state dict on the main process, {} on the others
+    if not accelerator.is_main_process:
+        return None
+    with init_empty_weights():
+        plain = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+        if args.use_lora:
+            add_lora(plain, args)
+    plain.load_state_dict(state, assign=True)
+    return plain
 
 
 def save_unet(unet, args, pipeline_class, folder):
@@ -702,6 +724,8 @@ def log_validation(accelerator, args, models, unet, pipeline_class, weight_dtype
                 images.append(pipeline(prompt, num_inference_steps=args.validation_num_inference_steps,
                                        guidance_scale=args.validation_guidance_scale, height=args.resolution,
                                        width=args.resolution, generator=generator).images[0])
+    if not accelerator.is_main_process:  # FSDP: every process ran the sharded UNet, the main process writes
+        return
     grid = make_image_grid(images, rows=len(args.validation_prompts), cols=len(args.validation_seeds))
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
@@ -718,6 +742,34 @@ def log_validation(accelerator, args, models, unet, pipeline_class, weight_dtype
             tracker.log({"validation": [wandb.Image(im, caption=f"{p} / seed {s}") for im, (p, s) in zip(
                 images, [(p, s) for p in args.validation_prompts for s in args.validation_seeds])]})
     logger.info("validation grid written to %s", folder / f"step-{global_step:06d}.png")
+
+
+def check_launch(accelerator, args):
+    """Stop at once on launches that would not train as configured."""
+    from accelerate.utils import DistributedType
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # e.g. an FSDP or multi-GPU accelerate config on a machine without GPUs: accelerate then sets up each
+        # process as if it were alone, and they would all train the same batches into the same output_dir
+        raise SystemExit(f"{launched} processes were launched, but accelerate set up a run of "
+                         f"{accelerator.num_processes} ({accelerator.distributed_type}): the launch configuration "
+                         "does not fit this machine (FSDP and DeepSpeed configurations need GPUs)")
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise SystemExit("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (FSDP2 is the version "
+                         "tested; see README.md, 'Scaling to several GPUs and machines')")
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if accelerator.state.deepspeed_plugin.zero_stage == 3:
+        # transformers then partitions the frozen text encoders as they load, and they cannot run
+        raise SystemExit("DeepSpeed ZeRO-3 is not supported: use ZeRO-1 or 2, or FSDP (fsdp_version: 2) to shard the "
+                         "weights; see README.md, 'Scaling to several GPUs and machines'")
+    evaluated = args.loss_timesteps or args.num_inference_steps
+    if args.loss_type not in ("diffusion_dpo", "sft") and args.trajectory_chunk_size < evaluated:
+        # DeepSpeed takes every backward for a micro-step and steps the optimiser after it
+        raise SystemExit(f"--trajectory_chunk_size {args.trajectory_chunk_size} below the {evaluated} evaluated steps "
+                         "runs one backward per chunk, which DeepSpeed takes for separate micro-steps (each with an "
+                         f"optimiser step): under DeepSpeed give --trajectory_chunk_size {evaluated} or more")
 
 
 def end_processes(accelerator):
@@ -798,6 +850,7 @@ def main(args):
         # reading for all: batches carry lists (captions, skipped rows) that are not split across processes.
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
     )
+    check_launch(accelerator, args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for noisy in ("diffusers", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING if accelerator.is_main_process else logging.ERROR)
@@ -879,6 +932,7 @@ def main(args):
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
                                                                           lr_scheduler)
+    params = list(unet.parameters())  # FSDP replaces the parameters with shards; clipping skips those without grad
     if steps_per_epoch is not None:
         steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -1002,7 +1056,8 @@ def main(args):
                 elif global_step % args.checkpointing_steps == 0:
                     require_finite_weights(accelerator, params, global_step, "checkpoint")
                     save_checkpoint(accelerator, args, global_step)
-                if args.validation_prompts and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                if args.validation_prompts and global_step % args.validation_steps == 0 and (
+                        accelerator.is_main_process or accelerator.is_fsdp2):  # FSDP: each process has a shard
                     log_validation(accelerator, args, models, unet, pipeline_class, weight_dtype, global_step)
                 if global_step >= args.max_train_steps:
                     break
@@ -1014,8 +1069,8 @@ def main(args):
 
     # 7. Save the result where the notebook and `from_pretrained` look for it.
     require_finite_weights(accelerator, params, global_step, "final model")
+    final_unet = full_unet(accelerator, args, unet)  # FSDP: every process joins in gathering the weights
     if accelerator.is_main_process:
-        final_unet = accelerator.unwrap_model(unet)
         save_unet(final_unet, args, pipeline_class, str(output_dir))
         if args.save_pipeline:
             if args.use_lora:

@@ -41,10 +41,13 @@ def base_args(model, pairs_dir, output_dir, *extra):
             "--adam_weight_decay", "0", "--report_to", "none", "--seed", "0", *extra]
 
 
-def launch(args, processes=1, check=True, extra_env=None, timeout=600):
+def launch(args, processes=1, check=True, extra_env=None, timeout=600, launcher=None):
     """Run the trainer as a user does; on timeout it is killed with every process it started (torchrun starts its
-    workers in sessions of their own, so they are found as descendants, not by process group)."""
-    if processes == 1:
+    workers in sessions of their own, so they are found as descendants, not by process group). `launcher`: the
+    command before `args`, instead of accelerate (one process) or torchrun (several)."""
+    if launcher is not None:
+        command, env = [*launcher, *args], {**ENV, **(extra_env or {})}
+    elif processes == 1:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args]
         env = {**ENV, **(extra_env or {})}
