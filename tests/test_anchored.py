@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from test_losses import perturbed
 
 from inversion import Conditioning, InversionSchedule, PromptEncoder, anchored_noise
 from losses import SATURATION_MARGIN, inversion_dpo_x0, timestep_weights
@@ -33,15 +34,6 @@ def pairs(sdxl_pipe):
     schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, N)
     return dict(cond=Conditioning.cat([cond, cond]), uncond=encoder.unconditional(Conditioning.cat([cond, cond])),
                 latents=torch.cat([winners, losers]), schedule=schedule)
-
-
-def perturbed(unet, scale=3e-3):
-    policy = copy.deepcopy(unet)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return policy
 
 
 def trainer_step(args, sdxl_pipe, pairs, policy, rows=slice(None), cache=None, reference=None):

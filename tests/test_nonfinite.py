@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
-from test_train import base_args, launch, pairs_dir, read_metrics  # noqa: F401  (pairs_dir is a fixture)
+from test_train import base_args, launch, pairs_dir  # noqa: F401  (pairs_dir is a fixture)
 
 from train_inversion_dpo import apply_update, json_line
 

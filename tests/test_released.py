@@ -1,11 +1,11 @@
 """Reproducing the released run: --loss_type inversion_dpo_official with --inversion_steps_offset 0 computes the
 released script's loss and gradient (its DDIM schedule with steps_offset 0, its sign), written out here."""
 
-import copy
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from test_losses import perturbed
 
 from inversion import InversionSchedule, PromptEncoder
 from losses import timestep_weights
@@ -19,15 +19,6 @@ def trainer_args(*extra):
     return parse_args(["--pretrained_model_name_or_path", "unused", "--dataset_name", "unused", "--loss_type",
                        "inversion_dpo_official", "--num_inference_steps", str(N), "--beta_dpo", str(BETA),
                        "--inversion_guidance_scale", str(G), "--trajectory_chunk_size", str(N), *extra])
-
-
-def perturbed(unet, scale=3e-3):
-    policy = copy.deepcopy(unet)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return policy
 
 
 def setup(sdxl_pipe):

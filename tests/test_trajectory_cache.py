@@ -88,8 +88,12 @@ def test_a_damaged_entry_is_logged_recomputed_and_rewritten(setup, tmp_path, cap
         again = cache.trajectories(setup["latents"], setup["cond"], setup["schedule"], True, setup["invert"])
     assert "damaged trajectory cache entry" in caplog.text and str(damaged) in caplog.text
     assert setup["invert"].calls == [[1]] and cache.repaired == 1
-    # recomputed alone rather than in a batch of 3: equal up to the UNet's batch-size-dependent rounding
-    torch.testing.assert_close(again.noise[1], first.noise[1], rtol=1e-4, atol=1e-5)
+    # recomputed alone rather than in a batch of 3, so compared with image 1 inverted alone (a UNet call on a batch
+    # rounds differently from one on a single image, by an amount that depends on the CPU's kernels)
+    alone = setup["invert"]([1])
+    for name in ("latents", "noise", "noise_at_end"):
+        assert torch.equal(getattr(again, name)[1], getattr(alone, name)[0]), name
+        assert torch.equal(getattr(again, name)[[0, 2]], getattr(first, name)[[0, 2]]), name  # read, not recomputed
     assert cache.load(cache.key(setup["latents"], setup["cond"], 1), 4, True) is not None  # healed on disk
 
 
