@@ -146,14 +146,15 @@ def test_inversion_matches_ddim_inverse_scheduler_step_for_step(sdxl_pipe, sdxl_
 
     scheduler = DDIMInverseScheduler.from_config(sdxl_pipe.scheduler.config)
     scheduler.set_timesteps(num_steps)
-    x = latents
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps):
+            # each step from the library's own point, so that no float32 rounding carries over from step to step
+            x = trajectory.latents[:, i]
             e = guided_by_hand(sdxl_unet64, x, t, cond, uncond, guidance_scale)
-            x = scheduler.step(e, t, x).prev_sample
             # g = 1: the library takes e_c, the formula e_u + (e_c - e_u), a float32 rounding apart
             torch.testing.assert_close(trajectory.noise[:, i], e, rtol=0, atol=float32_ulps(4, e))
-            torch.testing.assert_close(trajectory.latents[:, i + 1], x, rtol=0, atol=float32_ulps(4, x))
+            x_next = scheduler.step(trajectory.noise[:, i], t, x).prev_sample
+            torch.testing.assert_close(trajectory.latents[:, i + 1], x_next, rtol=0, atol=float32_ulps(4, x, x_next))
 
 
 def test_inversion_matches_spec_formula_written_out(sd_pipe, sd_unet64):
@@ -163,9 +164,8 @@ def test_inversion_matches_spec_formula_written_out(sd_pipe, sd_unet64):
     uncond = encoder.unconditional(cond)
     latents = torch.randn(2, 4, 8, 8)
     num_steps, g = 5, 2.0
-    trajectory = ddim_invert(
-        sd_unet64, latents, cond, uncond, InversionSchedule.from_scheduler_config(sd_pipe.scheduler.config, num_steps), g
-    )
+    schedule = InversionSchedule.from_scheduler_config(sd_pipe.scheduler.config, num_steps)
+    trajectory = ddim_invert(sd_unet64, latents, cond, uncond, schedule, g)
     # scaled_linear betas, cumulative product, "leading" timesteps with steps_offset 1, a(0) before the first step
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     alpha_bar = torch.cumprod(1 - betas, 0)
