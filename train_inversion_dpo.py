@@ -43,6 +43,7 @@ DEFAULT_BETA = {"inversion_dpo": 2000.0, "inversion_dpo_official": 2000.0, "inve
                 "diffusion_dpo": 5000.0, "sft": None}
 PAPER_FORMS = ("inversion_dpo", "inversion_dpo_official")
 AT_END_FORMS = ("inversion_dpo_exact", "inversion_dpo_x0")  # evaluated at x_i, with the reference's own term there
+NOISING_FORMS = ("diffusion_dpo", "sft")  # random noising of the clean latent, no inversion
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is ignored on resume
 MEMORY_FLAGS = ("--train_batch_size (lower, with more --gradient_accumulation_steps)", "--trajectory_chunk_size",
@@ -252,7 +253,7 @@ def validate_args(parser, args):
         parser.error("--trajectory_chunk_size must be at least 1")
     if args.fill_inversion_cache and not args.inversion_cache_dir:
         parser.error("--fill_inversion_cache needs --inversion_cache_dir")
-    if args.inversion_cache_dir and args.loss_type in ("diffusion_dpo", "sft"):
+    if args.inversion_cache_dir and args.loss_type in NOISING_FORMS:
         parser.error(f"--inversion_cache_dir caches inversions; --loss_type {args.loss_type} runs none")
     if args.streaming and args.max_train_steps is None and not args.fill_inversion_cache:
         parser.error("--streaming datasets have no length: give --max_train_steps")
@@ -765,7 +766,7 @@ def check_launch(accelerator, args):
         raise SystemExit("DeepSpeed ZeRO-3 is not supported: use ZeRO-1 or 2, or FSDP (fsdp_version: 2) to shard the "
                          "weights; see README.md, 'Scaling to several GPUs and machines'")
     evaluated = args.loss_timesteps or args.num_inference_steps
-    if args.loss_type not in ("diffusion_dpo", "sft") and args.trajectory_chunk_size < evaluated:
+    if args.loss_type not in NOISING_FORMS and args.trajectory_chunk_size < evaluated:
         # DeepSpeed takes every backward for a micro-step and steps the optimiser after it
         raise SystemExit(f"--trajectory_chunk_size {args.trajectory_chunk_size} below the {evaluated} evaluated steps "
                          "runs one backward per chunk, which DeepSpeed takes for separate micro-steps (each with an "
@@ -1130,7 +1131,7 @@ def training_step(args, accelerator, unet, reference, prompt_encoder, vae, batch
     `generator` draws the noise and timesteps of diffusion_dpo and sft, and the --loss_timesteps subset."""
     latents_w = encode_images(vae, batch["pixel_values_w"])
     latents_l = encode_images(vae, batch["pixel_values_l"])
-    if args.loss_type in ("diffusion_dpo", "sft"):
+    if args.loss_type in NOISING_FORMS:
         cond_w = image_conditioning(args, prompt_encoder, batch, "w")
         return noising_loss(args, accelerator, unet, reference, latents_w, latents_l, cond_w, train_alphas, generator)
     cond, uncond = pair_conditioning(args, prompt_encoder, batch)
