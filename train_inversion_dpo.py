@@ -454,7 +454,6 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
     if args.loss_timesteps is not None and args.loss_timesteps < num_steps:
         steps = torch.randperm(num_steps, generator=generator)[: args.loss_timesteps].sort().values
     step_weights = weights[steps.to(weights.device)]
-    scale = 1.0 / args.gradient_accumulation_steps
 
     def loss_of(errors):
         errors_w, errors_l = errors.chunk(2)
@@ -468,7 +467,7 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
 
     if args.trajectory_chunk_size >= len(steps):
         output = loss_of(policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps))
-        accelerator.backward(output.loss * scale)
+        accelerator.backward(output.loss)
         return output
 
     with torch.no_grad():
@@ -481,7 +480,7 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
     for index, positions in enumerate(chunks):
         with contextlib.nullcontext() if index == len(chunks) - 1 else accelerator.no_sync(policy):
             chunk_errors = policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps[positions])
-            accelerator.backward((factor[:, positions] * chunk_errors).sum() * scale)
+            accelerator.backward((factor[:, positions] * chunk_errors).sum())
     output.loss = output.loss.detach()
     return output
 
@@ -509,7 +508,7 @@ def noising_loss(args, accelerator, policy, reference, latents_w, latents_l, con
         policy_w, policy_l = losses.squared_error(policy_pred, noise.repeat(2, 1, 1, 1)).chunk(2)
         reference_w, reference_l = losses.squared_error(reference_pred, noise.repeat(2, 1, 1, 1)).chunk(2)
         output = losses.diffusion_dpo(policy_w, reference_w, policy_l, reference_l, args.beta_dpo)
-    accelerator.backward(output.loss / args.gradient_accumulation_steps)
+    accelerator.backward(output.loss)  # accelerate divides by the accumulation steps
     return output
 
 

@@ -78,6 +78,22 @@ def test_chunked_gradient_equals_one_graph_gradient_with_accumulation(micro_batc
     assert ((chunked - one_graph).norm() / one_graph.norm()).item() <= tolerance
 
 
+@pytest.mark.parametrize("loss_type", ["inversion_dpo", "inversion_dpo_x0"])
+def test_accumulated_gradient_is_the_mean_of_the_micro_batch_gradients(micro_batches, policy, loss_type):
+    # The gradient of an optimiser step over A micro-batches is that of the mean loss: (g_1 + g_2) / 2 with each g_k
+    # taken alone (no accumulation). accelerate's backward divides by A itself, so a second division in the trainer
+    # would make it half that. Float64 policy: the same UNet calls on both sides, so only the final sum and halving
+    # round (float32 steps in the loss see identical numbers).
+    policy = copy.deepcopy(policy).double()
+    batches, weights = micro_batches
+    alone = [gradient(policy, trainer_args(loss_type, "--gradient_accumulation_steps", "1"), [batch], weights)
+             for batch in batches]
+    accumulated = gradient(policy, trainer_args(loss_type), batches, weights)
+    expected = (alone[0] + alone[1]) / 2
+    assert expected.norm() > 0
+    assert ((accumulated - expected).norm() / expected.norm()).item() <= torch.finfo(torch.float32).eps
+
+
 def test_loss_timesteps_subset_is_an_unbiased_estimate_of_the_score(micro_batches, policy):
     (trajectories, cond, uncond), weights = micro_batches[0][0], micro_batches[1]
     accelerator = Accelerator(cpu=True)
