@@ -2,9 +2,16 @@
 
 Images are 32x32: a grey background with one square, red or blue, at a random place. The toy model is the tiny
 SDXL-shaped pipeline of `tiny_models.py` with its VAE and UNet trained here, briefly and reproducibly, on that
-distribution; for the caption "a square" it draws red and blue about equally often. The preference data ranks the red
-square above the blue one, so the preference rate of a model is the fraction of its samples that are red, and
-training on the pairs should raise it. Everything runs on a CPU in about a minute; nothing is downloaded.
+distribution under three captions ("a square", "a warm square", "a cool square"), each with both colours equally
+often: the base model draws red and blue about equally for every caption. Two preference tasks:
+
+- colour: caption "a square", the red square preferred over the blue one;
+- warmcool: "a warm square" prefers red and "a cool square" prefers blue, in one dataset, so a loss that ignores
+  the captions cannot learn it (half the pairs pull each way).
+
+The preference rate of a model is the fraction of its samples in the preferred colour of their caption. Each pairs
+folder holds `pairs.jsonl` and `pairs_swapped.jsonl` (winner and loser exchanged): training on both, everything else
+equal, gives the preference effect (METHOD.md section 6). Everything runs on a CPU; nothing is downloaded.
 
     python toy_task.py build OUT_DIR          # the toy model (OUT_DIR/model) and pairs (OUT_DIR/pairs)
     python toy_task.py evaluate OUT_DIR RUN   # preference rate of the base model and of a trained run
@@ -27,6 +34,8 @@ from tiny_models import build_tiny_sdxl
 
 SIZE = 32
 CAPTION = "a square"
+TASKS = {"colour": {"a square": "red"}, "warmcool": {"a warm square": "red", "a cool square": "blue"}}
+TRAINING_CAPTIONS = ("a square", "a warm square", "a cool square")
 COLOURS = {"red": (220, 40, 40), "blue": (40, 40, 220)}
 BACKGROUND = (128, 128, 128)
 COMPLETE = "complete.json"  # written last into a finished model or dataset folder
@@ -89,16 +98,19 @@ def train_vae(vae, images, steps, generator, progress):
     return latents * vae.config.scaling_factor
 
 
-def caption_conditioning(pipe, count):
-    """The conditioning of `count` copies of the caption at the toy size, and its unconditional counterpart."""
+def caption_conditioning(pipe, captions):
+    """The conditioning of `captions` at the toy size, and its unconditional counterpart."""
     encoder = PromptEncoder([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
-    cond = encoder.encode([CAPTION] * count, [[SIZE, SIZE]] * count, [[0, 0]] * count, (SIZE, SIZE))
+    count = len(captions)
+    cond = encoder.encode(list(captions), [[SIZE, SIZE]] * count, [[0, 0]] * count, (SIZE, SIZE))
     return cond, encoder.unconditional(cond)
 
 
 def train_unet(pipe, latents, steps, generator, progress):
-    """Epsilon-prediction training on the toy latents for the caption, with 10% unconditional (zero) captions."""
-    cond, uncond = caption_conditioning(pipe, 1)
+    """Epsilon-prediction training on the toy latents, each under a caption drawn independently of its colour, with
+    10% unconditional (zero) captions."""
+    cond, uncond = caption_conditioning(pipe, TRAINING_CAPTIONS)
+    choices = [cond.select(slice(k, k + 1)) for k in range(len(TRAINING_CAPTIONS))] + [uncond.select(slice(0, 1))]
     alphas = training_alphas(pipe.scheduler.config)
     unet = pipe.unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
@@ -108,7 +120,9 @@ def train_unet(pipe, latents, steps, generator, progress):
         noise = torch.randn(x0.shape, generator=generator)
         timesteps = torch.randint(0, len(alphas), (batch_size,), generator=generator)
         drop = torch.rand(batch_size, generator=generator) < 0.1
-        rows = type(cond).cat([uncond if dropped else cond for dropped in drop.tolist()])
+        picks = torch.randint(0, len(TRAINING_CAPTIONS), (batch_size,), generator=generator)
+        picks[drop] = len(TRAINING_CAPTIONS)
+        rows = type(cond).cat([choices[k] for k in picks.tolist()])
         prediction = unet(forward_noise(x0, noise, alphas[timesteps]), timesteps, **rows.unet_kwargs(torch.float32))
         loss = F.mse_loss(prediction.sample, noise)
         optimizer.zero_grad()
@@ -133,17 +147,31 @@ def build_model(folder, seed=0, vae_steps=200, unet_steps=700, progress=tqdm):
     return _atomic_folder(folder, build)
 
 
-def build_pairs(folder, count=256, seed=1):
-    """`count` pairs for the caption: a red square (winner) and a blue one (loser), as PNGs and a jsonl manifest."""
+def task_captions(task, count):
+    """The caption of each of `count` pairs or samples of `task`: its captions in turn."""
+    if task not in TASKS:
+        raise ValueError(f"unknown toy task {task!r}; choose one of {', '.join(TASKS)}")
+    captions = list(TASKS[task])
+    return [captions[i % len(captions)] for i in range(count)]
+
+
+def build_pairs(folder, count=256, seed=1, task="colour"):
+    """`count` pairs of `task` as PNGs (a red and a blue square each) and two jsonl manifests: pairs.jsonl with the
+    caption's preferred colour as winner, pairs_swapped.jsonl with winner and loser exchanged. Returns pairs.jsonl."""
 
     def build(scratch):
         rng = np.random.default_rng(seed)
-        rows = []
-        for i in range(count):
-            render("red", rng).save(scratch / f"{i:05d}_red.png")
-            render("blue", rng).save(scratch / f"{i:05d}_blue.png")
-            rows.append({"caption": CAPTION, "chosen": f"{i:05d}_red.png", "rejected": f"{i:05d}_blue.png"})
+        rows, swapped = [], []
+        for i, caption in enumerate(task_captions(task, count)):
+            files = {colour: f"{i:05d}_{colour}.png" for colour in ("red", "blue")}
+            for colour in ("red", "blue"):
+                render(colour, rng).save(scratch / files[colour])
+            preferred = TASKS[task][caption]
+            other = "blue" if preferred == "red" else "red"
+            rows.append({"caption": caption, "chosen": files[preferred], "rejected": files[other]})
+            swapped.append({"caption": caption, "chosen": files[other], "rejected": files[preferred]})
         (scratch / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        (scratch / "pairs_swapped.jsonl").write_text("".join(json.dumps(row) + "\n" for row in swapped))
 
     return _atomic_folder(folder, build) / "pairs.jsonl"
 
@@ -163,28 +191,43 @@ def load_pipeline(model_folder, run_folder=None):
 
 
 @torch.no_grad()
-def sample(pipe, count, seed=0, guidance_scale=1.0, steps=20, batch_size=64, desc=None):
-    """`count` images (B, 3, 32, 32) in [-1, 1]; image k always starts from the same noise for a given seed."""
+def sample(pipe, count, seed=0, guidance_scale=1.0, steps=20, batch_size=64, desc=None, captions=None):
+    """`count` images (B, 3, 32, 32) in [-1, 1] for `captions` (one each; default all CAPTION); image k always starts
+    from the same noise for a given seed."""
+    captions = captions or [CAPTION] * count
     images = []
     for start in tqdm(range(0, count, batch_size), desc=desc, disable=desc is None):
         n = min(batch_size, count - start)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        out = pipe([CAPTION] * n, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=guidance_scale,
-                   generator=generator, output_type="pt").images
+        out = pipe(captions[start : start + n], height=SIZE, width=SIZE, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, generator=generator, output_type="pt").images
         images.append(out * 2 - 1)
     return torch.cat(images)
 
 
+def prefers(images, captions, task):
+    """Per image (B,): True where it has the preferred colour of its caption under `task`."""
+    wanted_red = torch.tensor([TASKS[task][caption] == "red" for caption in captions])
+    return is_red(images) == wanted_red
+
+
+def preference_rate(pipe, count, task="colour", seed=0, steps=20):
+    """Fraction of `count` samples (fixed seeds; the task's captions in turn) in their caption's preferred colour."""
+    captions = task_captions(task, count)
+    return prefers(sample(pipe, count, seed=seed, steps=steps, captions=captions), captions, task).float().mean().item()
+
+
 @torch.no_grad()
 def heldout_denoising_loss(pipe, count=256, seed=12345):
-    """Mean epsilon-prediction error on fresh images of both colours: does the model still fit the data?"""
+    """Mean epsilon-prediction error on fresh images of both colours under the three captions: does the model still
+    fit the data?"""
     images = training_images(count, seed)
     latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
     generator = torch.Generator().manual_seed(seed)
     alphas = training_alphas(pipe.scheduler.config)
     timesteps = torch.randint(0, len(alphas), (count,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
-    cond, _ = caption_conditioning(pipe, count)
+    cond, _ = caption_conditioning(pipe, [TRAINING_CAPTIONS[i % len(TRAINING_CAPTIONS)] for i in range(count)])
     prediction = pipe.unet(forward_noise(latents, noise, alphas[timesteps]), timesteps, **cond.unet_kwargs(torch.float32))
     return F.mse_loss(prediction.sample, noise).item()
 
@@ -204,11 +247,13 @@ def main():
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build the toy model and the preference pairs (once)")
     build.add_argument("out_dir")
+    build.add_argument("--task", choices=TASKS, default="colour", help="which preference the pairs encode")
     evaluate = commands.add_parser("evaluate", help="preference rate before and after training")
     evaluate.add_argument("out_dir")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--samples", type=int, default=256)
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--task", choices=TASKS, default="colour", help="whose preferred colour is counted")
     args = parser.parse_args()
     from train_inversion_dpo import quiet_startup_warnings
 
@@ -224,19 +269,21 @@ def run(args):
     out_dir = Path(args.out_dir)
     if args.command == "build":
         print(f"toy model: {build_model(out_dir / 'model')}")
-        print(f"preference pairs: {build_pairs(out_dir / 'pairs')}")
+        print(f"preference pairs: {build_pairs(out_dir / 'pairs', task=args.task)}")
         return
     results, rows = {}, []
     for name, run_dir in (("base", None), ("tuned", args.run_dir)):
         pipe = load_pipeline(out_dir / "model", run_dir)
-        images = sample(pipe, args.samples, seed=args.seed, desc=f"sampling {name}")
-        results[name] = {"preference_rate": is_red(images).float().mean().item(),
+        captions = task_captions(args.task, args.samples)
+        images = sample(pipe, args.samples, seed=args.seed, desc=f"sampling {name}", captions=captions)
+        results[name] = {"preference_rate": prefers(images, captions, args.task).float().mean().item(),
                          "heldout_denoising_loss": heldout_denoising_loss(pipe)}
         rows.append(images)
     grid_path = Path(args.run_dir) / "before_after.png"
     image_grid(rows).save(grid_path)
     (Path(args.run_dir) / "preference_rate.json").write_text(json.dumps(results, indent=2))
-    print(f"preference rate (fraction of red squares in {args.samples} samples, same seeds):")
+    what = "red squares" if args.task == "colour" else "squares in their caption's preferred colour"
+    print(f"preference rate (fraction of {what} in {args.samples} samples, same seeds):")
     print(f"  base  {results['base']['preference_rate']:.1%}   tuned {results['tuned']['preference_rate']:.1%}")
     print(f"held-out denoising loss: base {results['base']['heldout_denoising_loss']:.4f}   "
           f"tuned {results['tuned']['heldout_denoising_loss']:.4f}")

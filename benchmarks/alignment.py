@@ -1,180 +1,513 @@
-"""Does each loss form move the toy model toward what is preferred, and how fast? (toy_task.py: red over blue)
+"""Does each loss form make the toy model prefer what is preferred? The preference effect (METHOD.md section 6).
 
-For every loss form and seed, train the toy model with train_inversion_dpo.py for a fixed number of optimiser steps,
-checkpointing along the way, then measure every checkpoint: the preference rate (fraction of red squares among
-samples drawn from fixed seeds) and the held-out denoising loss (does it still model the data?). Two more rows ask
-whether the paper form moves at all when nothing breaks the symmetry between policy and reference: no weight decay,
-with an fp32 reference and with a bf16 one under bf16 autocast.
+Every configuration is trained twice with train_inversion_dpo.py, everything else equal (seeds included): once on
+the pairs ("for") and once with winner and loser swapped ("against"). The preference effect is the rate of the
+preferred attribute after training for it minus after training against it, so whatever moves the model regardless
+of the preference (weight decay, rounding, drift after saturation) cancels. Two toy tasks (toy_task.py): "colour"
+(red preferred for "a square") and "warmcool" (red for "a warm square", blue for "a cool square", in one dataset).
 
-    python benchmarks/alignment.py            # 5 forms x 3 seeds + 2 controls x 3 seeds, about 20 min on 2 CPU cores
-    python benchmarks/alignment.py --quick    # a smoke run: a rougher toy model, 1 seed, 6 steps, a few minutes
+1. Grid (colour task, training seed 0): each form and weighting gets its own beta and learning rate, chosen by the
+   effect on validation sampling seeds (ties within 2 points: the lower held-out denoising loss); a best value on the
+   grid's edge extends the grid one step further that way.
+2. Report: the chosen settings on both tasks, training seeds 0, 1, 2, effect measured on other sampling seeds
+   along training (against optimiser steps and training seconds), mean and 95% t-interval over seeds.
+3. Factors: for the paper form, what breaks the policy/reference symmetry (weight decay, bf16 autocast, nothing);
+   the released-sign form at the paper form's settings (its runs are the paper form's, mirrored); the anchored form
+   at fewer loss timesteps per pair (--loss_timesteps), for cost.
 
-Writes benchmarks/results/alignment{,_quick}.md (table) and .png (preference rate against steps and seconds),
-and the raw numbers as .json.
+Trajectory forms train from a warm float32 trajectory cache (filled once per task beforehand, its time reported
+apart). No pair repeats within a run's budget (steps x batch < pairs); held-out pairs give an implicit accuracy (the
+Diffusion-DPO reward, policy minus reference denoising error at shared random noisings, on pairs never trained on).
+
+    python benchmarks/alignment.py             # the whole study, hours on 2 CPU cores; resumable: finished runs are
+                                               # reused, so rerunning after an interruption continues
+    python benchmarks/alignment.py --quick     # smoke run of every stage: rough toy model, 1 seed, a few minutes
+
+Writes benchmarks/results/alignment{,_quick}.md (tables), .png (effect against steps and seconds) and .json (every
+run's one-sided rates, metrics and measures).
 """
 
 import argparse
+import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import toy_task  # noqa: E402
-
 RESULTS = ROOT / "benchmarks" / "results"
-FORMS = ["inversion_dpo", "inversion_dpo_official", "inversion_dpo_exact", "diffusion_dpo", "sft"]
-CONTROLS = {  # name -> extra trainer flags
-    "inversion_dpo, no weight decay, fp32 reference": ["--loss_type", "inversion_dpo", "--adam_weight_decay", "0"],
-    "inversion_dpo, no weight decay, bf16 autocast": ["--loss_type", "inversion_dpo", "--adam_weight_decay", "0",
-                                                      "--mixed_precision", "bf16"],
-}
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194)]
+TASKS = ("colour", "warmcool")
+TRAJECTORY_FORMS = ("inversion_dpo", "inversion_dpo_exact", "inversion_dpo_x0")
+# the configurations tuned on the grid: (loss, weighting)
+CONFIGS = [(form, weighting) for form in TRAJECTORY_FORMS for weighting in ("official", "uniform")]
+CONFIGS += [("diffusion_dpo", "-"), ("sft", "-")]
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+VALIDATION_SEED, REPORT_SEED = 1, 0  # sampling seeds
 
 
-def train(toy_dir, run_dir, flags, steps, every, seed):
-    command = [sys.executable, str(ROOT / "train_inversion_dpo.py"),
-               "--pretrained_model_name_or_path", str(toy_dir / "model"),
-               "--dataset_name", str(toy_dir / "pairs" / "pairs.jsonl"), "--output_dir", str(run_dir),
-               "--resolution", "32", "--no_hflip", "--num_inference_steps", "10", "--inversion_guidance_scale", "1",
-               "--trajectory_chunk_size", "10", "--beta_dpo", "500", "--learning_rate", "5e-5",
-               "--lr_scheduler", "constant", "--train_batch_size", "8", "--max_train_steps", str(steps),
-               "--checkpointing_steps", str(every), "--report_to", "none", "--mixed_precision", "no",
-               "--seed", str(seed), *flags]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m for m in metrics}
+class Study:
+    def __init__(self, quick, work):
+        self.quick = quick
+        self.work = work
+        self.toy = work / "toy"
+        if quick:
+            self.steps, self.every, self.curve = 4, 2, [2, 4]
+            self.pairs, self.heldout_pairs, self.samples, self.curve_samples = 40, 8, 32, 32
+            self.seeds = [0]
+            self.betas = {"trajectory": [50], "diffusion_dpo": [500], "sft": [None]}
+            self.lrs = [1e-4]
+        else:
+            self.steps, self.every, self.curve = 40, 5, [5, 10, 20, 30, 40]
+            self.pairs, self.heldout_pairs, self.samples, self.curve_samples = 512, 64, 256, 128
+            self.seeds = [0, 1, 2]
+            self.betas = {"trajectory": [5, 50, 500], "diffusion_dpo": [50, 500, 5000], "sft": [None]}
+            self.lrs = [1e-5, 1e-4]
+        self.batch = 8
+        assert self.steps * self.batch <= self.pairs, "a pair would repeat within the budget"
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def setup(self):
+        import toy_task
+
+        build = dict(vae_steps=40, unet_steps=150) if self.quick else {}
+        toy_task.build_model(self.toy / "model", progress=lambda it, desc=None: it, **build)
+        for task in TASKS:
+            toy_task.build_pairs(self.toy / f"pairs_{task}", count=self.pairs, seed=1, task=task)
+            toy_task.build_pairs(self.toy / f"heldout_{task}", count=self.heldout_pairs, seed=2, task=task)
+        self.fill_seconds = {task: self.fill_cache(task) for task in TASKS}
+
+    def cache_dir(self, task):
+        return self.work / f"cache_{task}"
+
+    def fill_cache(self, task):
+        marker = self.cache_dir(task) / "filled.json"
+        if not marker.is_file():
+            started = time.perf_counter()
+            self.trainer(["--dataset_name", str(self.toy / f"pairs_{task}" / "pairs.jsonl"), "--loss_type",
+                          "inversion_dpo_x0", "--inversion_cache_dir", str(self.cache_dir(task)),
+                          "--inversion_cache_dtype", "float32", "--fill_inversion_cache",
+                          "--output_dir", str(self.work / f"fill_{task}")], threads=None)
+            marker.write_text(json.dumps({"seconds": time.perf_counter() - started}))
+        return json.loads(marker.read_text())["seconds"]
+
+    # -- one run ----------------------------------------------------------------------------------------------
+    def trainer(self, flags, threads=1):
+        command = [sys.executable, str(ROOT / "train_inversion_dpo.py"),
+                   "--pretrained_model_name_or_path", str(self.toy / "model"), "--resolution", "32", "--no_hflip",
+                   "--num_inference_steps", "10", "--inversion_guidance_scale", "1", "--trajectory_chunk_size", "10",
+                   "--lr_scheduler", "constant", "--train_batch_size", str(self.batch), "--report_to", "none",
+                   *flags]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if threads:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"training failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+
+    def run(self, spec):
+        """Train one run (unless finished before) and measure it; returns its record."""
+        run_dir = self.work / "runs" / name_of(spec)
+        record_path = run_dir / "record.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+        if record is None:
+            if not (run_dir / "unet").is_dir():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                self.train(spec, run_dir)
+            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            record = {"spec": spec, "metrics": {str(m["step"]): m for m in metrics}, "measures": {}}
+            record_path.write_text(json.dumps(record))
+        wanted = self.wanted_measures(spec)
+        missing = [m for m in wanted if m not in record["measures"]]
+        if missing:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                   "MKL_NUM_THREADS": "1"}
+            result = subprocess.run([sys.executable, __file__, "--measure", str(run_dir), "--work_dir",
+                                     str(self.work), *(["--quick"] if self.quick else []), *missing],
+                                    cwd=ROOT, capture_output=True, text=True, env=env)
+            if result.returncode != 0:
+                raise RuntimeError(f"measuring {run_dir} failed:\n{result.stderr[-3000:]}")
+            record["measures"].update(json.loads(result.stdout.strip().splitlines()[-1]))
+        record_path.write_text(json.dumps(record))
+        return record
+
+    def train(self, spec, run_dir):
+        manifest = "pairs.jsonl" if spec["direction"] == "for" else "pairs_swapped.jsonl"
+        flags = ["--dataset_name", str(self.toy / f"pairs_{spec['task']}" / manifest), "--output_dir", str(run_dir),
+                 "--loss_type", spec["loss"], "--learning_rate", str(spec["lr"]), "--seed", str(spec["seed"]),
+                 "--max_train_steps", str(self.steps), "--checkpointing_steps", str(self.every)]
+        if spec["beta"] is not None:
+            flags += ["--beta_dpo", str(spec["beta"])]
+        if spec["loss"] in TRAJECTORY_FORMS + ("inversion_dpo_official",):
+            flags += ["--timestep_weighting", spec["weighting"], "--inversion_cache_dir",
+                      str(self.cache_dir(spec["task"])), "--inversion_cache_dtype", "float32"]
+        if spec.get("loss_timesteps"):
+            flags += ["--loss_timesteps", str(spec["loss_timesteps"])]
+        breaker = spec.get("breaker", "weight_decay")
+        flags += ["--adam_weight_decay", "1e-2" if breaker == "weight_decay" else "0",
+                  "--mixed_precision", "bf16" if breaker == "bf16" else "no"]
+        self.trainer(flags)
+
+    def wanted_measures(self, spec):
+        """Measure keys: 'rate:STEP:SEED:COUNT', and 'final' (held-out loss and implicit accuracy)."""
+        keys = [f"rate:{self.steps}:{VALIDATION_SEED}:{self.samples}", f"rate:{self.steps}:{REPORT_SEED}:{self.samples}",
+                "final"]
+        if spec.get("curve"):
+            keys += [f"rate:{step}:{REPORT_SEED}:{self.curve_samples}" for step in self.curve[:-1]]
+        return keys
+
+    def run_all(self, specs, workers):
+        """Every spec (each with its 'for' and 'against' run), `workers` at a time; records keyed by run name."""
+        runs = [{**spec, "direction": d} for spec in specs for d in ("for", "against")]
+        todo = {name_of(r): r for r in runs}
+        with ThreadPoolExecutor(workers) as pool:
+            records = dict(zip(todo, pool.map(self.run, todo.values())))
+        return records
 
 
-def measure(toy_dir, folder, samples):
-    pipe = toy_task.load_pipeline(toy_dir / "model", folder)
-    rate = toy_task.is_red(toy_task.sample(pipe, samples, seed=0)).float().mean().item()
-    return rate, toy_task.heldout_denoising_loss(pipe)
+def name_of(spec):
+    parts = [spec["task"], spec["loss"], spec.get("weighting", "-"), f"b{spec['beta']}", f"lr{spec['lr']:g}",
+             f"T{spec.get('loss_timesteps') or 'all'}", spec.get("breaker", "weight_decay"), f"s{spec['seed']}",
+             spec["direction"]]
+    return "-".join(str(p) for p in parts)
 
 
-def run_config(toy_dir, work, name, flags, seed, steps, every, samples):
-    run_dir = work / f"{name.replace(' ', '_').replace(',', '')}-seed{seed}"
-    metrics = train(toy_dir, run_dir, flags, steps, every, seed)
-    points = []
-    for step in range(every, steps + 1, every):
-        rate, heldout = measure(toy_dir, run_dir / f"checkpoint-{step}", samples)
-        points.append({"step": step, "seconds": metrics[step]["elapsed_s"], "preference_rate": rate,
-                       "heldout_loss": heldout, "grad_norm_step1": metrics[1]["grad_norm"]})
-    print(f"  {name} seed {seed}: preference rate {points[-1]['preference_rate']:.1%} after {steps} steps",
-          flush=True)
-    return points
+def effect_of(records, spec, key):
+    """(rate trained for) - (rate trained against) of `spec` under measure `key`."""
+    rate = {d: records[name_of({**spec, "direction": d})]["measures"][key]["rate"] for d in ("for", "against")}
+    return rate["for"] - rate["against"]
 
 
-def first_reaching(points, threshold, key):
-    return next((p[key] for p in points if p["preference_rate"] >= threshold), None)
+def interval(values):
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(T_975[len(values) - 1] * values.std(ddof=1) / np.sqrt(len(values)))
 
 
-def summarise(name, runs, base_rate, threshold):
-    final = np.array([r[-1]["preference_rate"] for r in runs])
-    heldout = np.array([r[-1]["heldout_loss"] for r in runs])
-    reach_steps = [first_reaching(r, threshold, "step") for r in runs]
-    reach_seconds = [first_reaching(r, threshold, "seconds") for r in runs]
-    reached = [s for s in reach_steps if s is not None]
-
-    def mean_or_dash(values, fmt):
-        values = [v for v in values if v is not None]
-        return fmt.format(np.mean(values)) if values else "-"
-
-    return (f"| {name} | {final.mean():.1%} ± {final.std():.1%} | {final.mean() - base_rate:+.1%} | "
-            f"{len(reached)}/{len(runs)} | {mean_or_dash(reach_steps, '{:.0f}')} | "
-            f"{mean_or_dash(reach_seconds, '{:.1f}')} | {heldout.mean():.4f} | "
-            f"{np.mean([r[0]['grad_norm_step1'] for r in runs]):.3g} |")
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring a run (a subprocess of its own, one thread)
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def plot(series, path, base_rate):
-    """Preference rate against steps (left) and seconds (right), one line per configuration (mean over seeds)."""
-    width, height, margin = 1100, 520, 60
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    panel = (width - 3 * margin) // 2
-    for index, (key, label) in enumerate((("step", "optimiser steps"), ("seconds", "training seconds"))):
-        x0, y0, x1, y1 = margin + index * (panel + margin), margin, margin + index * (panel + margin) + panel, height - 2 * margin
-        draw.rectangle((x0, y0, x1, y1), outline="black")
-        draw.text((x0 + panel // 2 - 40, y1 + 25), label, fill="black")
-        draw.text((x0, y0 - 20), "preference rate (fraction red)", fill="black")
-        x_max = max(max(p[key] for p in points) for points in series.values()) or 1
-        for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
-            y = y1 - fraction * (y1 - y0)
-            draw.line((x0 - 4, y, x0, y), fill="black")
-            draw.text((x0 - 38, y - 6), f"{fraction:.2f}", fill="black")
-        base_y = y1 - base_rate * (y1 - y0)
-        draw.line((x0, base_y, x1, base_y), fill=(160, 160, 160))
-        for colour, points in zip(COLOURS, series.values()):
-            xy = [(x0, base_y)] + [(x0 + p[key] / x_max * panel, y1 - p["preference_rate"] * (y1 - y0)) for p in points]
-            draw.line(xy, fill=colour, width=3)
-        draw.text((x1 - 60, y1 + 8), f"{x_max:.0f}", fill="black")
-    for row, (colour, name) in enumerate(zip(COLOURS, series)):
-        x, y = margin + (row % 2) * 520, height - 2 * margin + 45 + (row // 2) * 16
-        draw.line((x, y + 6, x + 20, y + 6), fill=colour, width=3)
-        draw.text((x + 26, y), name, fill="black")
-    image.save(path)
+def measure(run_dir, keys, quick, work):
+    import torch
+
+    import toy_task
+
+    torch.set_num_threads(1)
+    spec = json.loads((Path(run_dir) / "record.json").read_text())["spec"]
+    toy = Path(work) / "toy"
+    base = toy_task.load_pipeline(toy / "model")
+    out = {}
+    for key in keys:
+        if key == "final":
+            pipe = toy_task.load_pipeline(toy / "model", run_dir)
+            manifest = "pairs.jsonl" if spec["direction"] == "for" else "pairs_swapped.jsonl"
+            out[key] = {"heldout_loss": toy_task.heldout_denoising_loss(pipe),
+                        "heldout_implicit_accuracy": implicit_accuracy(
+                            pipe, base.unet, toy / f"heldout_{spec['task']}" / manifest)}
+            continue
+        _, step, seed, count = key.split(":")
+        folder = Path(run_dir) if int(step) == max_step(run_dir) else Path(run_dir) / f"checkpoint-{step}"
+        pipe = toy_task.load_pipeline(toy / "model", folder)
+        out[key] = {"rate": toy_task.preference_rate(pipe, int(count), spec["task"], seed=int(seed))}
+    print(json.dumps(out))
+
+
+def max_step(run_dir):
+    return max(json.loads(line)["step"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+
+
+def implicit_accuracy(pipe, reference_unet, manifest, draws=8, seed=4321):
+    """Fraction of the manifest's pairs whose winner gets the higher Diffusion-DPO implicit reward: minus (policy
+    minus reference denoising error), averaged over `draws` random (timestep, noise), shared by winner and loser."""
+    import torch
+    from PIL import Image
+
+    import toy_task
+    from inversion import forward_noise, training_alphas
+
+    rows = [json.loads(line) for line in Path(manifest).read_text().splitlines()]
+    folder = Path(manifest).parent
+    with torch.no_grad():
+        def latents(column):
+            images = toy_task.to_tensor([Image.open(folder / row[column]).convert("RGB") for row in rows])
+            return pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
+
+        winners, losers = latents("chosen"), latents("rejected")
+        cond, _ = toy_task.caption_conditioning(pipe, [row["caption"] for row in rows])
+        kwargs = cond.unet_kwargs(torch.float32)
+        alphas = training_alphas(pipe.scheduler.config)
+        generator = torch.Generator().manual_seed(seed)
+        reward = torch.zeros(2, len(rows))
+        for _ in range(draws):
+            t = torch.randint(0, len(alphas), (len(rows),), generator=generator)
+            noise = torch.randn(winners.shape, generator=generator)
+            for index, x0 in enumerate((winners, losers)):
+                noisy = forward_noise(x0, noise, alphas[t])
+                errors = [((unet(noisy, t, **kwargs).sample - noise) ** 2).mean(dim=(1, 2, 3))
+                          for unet in (pipe.unet, reference_unet)]
+                reward[index] -= errors[0] - errors[1]
+    return (reward[0] > reward[1]).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The study
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def grid_specs(study, loss, weighting, betas, lrs):
+    return [{"task": "colour", "loss": loss, "weighting": weighting, "beta": beta, "lr": lr, "seed": 0}
+            for beta, lr in itertools.product(betas, lrs)]
+
+
+def choose(study, records, loss, weighting, workers, log):
+    """The (beta, lr) of the best validation effect, extending the grid past an edge once per axis and side."""
+    kind = "trajectory" if loss in TRAJECTORY_FORMS else loss
+    betas, lrs = list(study.betas[kind]), list(study.lrs)
+    key = f"rate:{study.steps}:{VALIDATION_SEED}:{study.samples}"
+    extended = set()
+    while True:
+        specs = grid_specs(study, loss, weighting, betas, lrs)
+        records.update(study.run_all(specs, workers))
+        scored = []
+        for spec in specs:
+            finals = [records[name_of({**spec, "direction": d})]["measures"]["final"]["heldout_loss"]
+                      for d in ("for", "against")]
+            scored.append((effect_of(records, spec, key), float(np.mean(finals)), spec))
+        top = max(s[0] for s in scored)
+        best = min((s for s in scored if s[0] >= top - 0.02), key=lambda s: s[1])[2]
+        grow = None
+        if len(betas) > 1 and best["beta"] in (betas[0], betas[-1]):
+            side = "low" if best["beta"] == betas[0] else "high"
+            if ("beta", side) not in extended:
+                grow = ("beta", side)
+                betas = [betas[0] / 10] + betas if side == "low" else betas + [betas[-1] * 10]
+        if grow is None and len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1]):
+            side = "low" if best["lr"] == lrs[0] else "high"
+            if ("lr", side) not in extended:
+                grow = ("lr", side)
+                lrs = [lrs[0] / 10] + lrs if side == "low" else lrs + [lrs[-1] * 10]
+        if grow is None:
+            log(f"  chosen for {loss} ({weighting}): beta {best['beta']}, lr {best['lr']:g} "
+                f"(validation effect {effect_of(records, best, key):+.1%}; grid betas {betas}, lrs {lrs})")
+            return best, {"betas": betas, "lrs": lrs, "scores": [(s[0], s[1], s[2]) for s in scored]}
+        extended.add(grow)
+        log(f"  {loss} ({weighting}): best on the {grow[1]} edge of {grow[0]}: extending the grid")
+
+
+def summarise_config(study, records, spec):
+    """Per task: final effect (mean, half-width), its per-seed values, curves of effect against steps and seconds,
+    held-out loss, implicit accuracy, one-sided rates and saturation."""
+    out = {"spec": spec}
+    final_key = f"rate:{study.steps}:{REPORT_SEED}:{study.samples}"
+    for task in TASKS:
+        specs = [{**spec, "task": task, "seed": seed} for seed in study.seeds]
+        effects = [effect_of(records, s, final_key) for s in specs]
+        runs = {d: [records[name_of({**s, "direction": d})] for s in specs] for d in ("for", "against")}
+        curve = []
+        for step in study.curve:
+            key = final_key if step == study.steps else f"rate:{step}:{REPORT_SEED}:{study.curve_samples}"
+            values = [effect_of(records, s, key) for s in specs]
+            seconds = [r["metrics"][str(step)]["elapsed_s"] for d in runs for r in runs[d]]
+            curve.append({"step": step, "seconds": float(np.mean(seconds)), "effect": interval(values),
+                          "effects": values})
+        out[task] = {
+            "effect": interval(effects), "effects": effects, "curve": curve,
+            "rate_for": [r["measures"][final_key]["rate"] for r in runs["for"]],
+            "rate_against": [r["measures"][final_key]["rate"] for r in runs["against"]],
+            "heldout_loss": float(np.mean([r["measures"]["final"]["heldout_loss"] for d in runs for r in runs[d]])),
+            "heldout_implicit_accuracy": float(np.mean([r["measures"]["final"]["heldout_implicit_accuracy"]
+                                                        for d in runs for r in runs[d]])),
+            "train_implicit_accuracy": float(np.mean([r["metrics"][str(study.steps)]["implicit_accuracy"]
+                                                      for d in runs for r in runs[d]])),
+            "saturated_final": float(np.mean([r["metrics"][str(study.steps)].get("saturated", 0.0)
+                                              for d in runs for r in runs[d]])),
+            "first_saturated_step": [next((int(s) for s, m in sorted(r["metrics"].items(), key=lambda x: int(x[0]))
+                                           if m.get("saturated", 0) >= 0.5), None) for d in runs for r in runs[d]],
+            "seconds": float(np.mean([r["metrics"][str(study.steps)]["elapsed_s"] for d in runs for r in runs[d]])),
+        }
+    return out
+
+
+def label(spec):
+    text = spec["loss"] + (f", {spec['weighting']} weights" if spec.get("weighting", "-") != "-" else "")
+    if spec.get("loss_timesteps"):
+        text += f", {spec['loss_timesteps']} loss step{'s' if spec['loss_timesteps'] > 1 else ''} per pair"
+    if spec.get("breaker", "weight_decay") != "weight_decay":
+        text += {"bf16": ", bf16 autocast, no weight decay", "none": ", fp32, no weight decay"}[spec["breaker"]]
+    return text
+
+
+def fmt(effect):
+    mean, half = effect
+    return f"{100 * mean:+.1f}" + ("" if np.isnan(half) else f" ± {100 * half:.1f}")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(13, 9), sharey=True)
+    for row, task in enumerate(TASKS):
+        for column, key in enumerate(("step", "seconds")):
+            ax = axes[row][column]
+            for name, summary in rows.items():
+                curve = summary[task]["curve"]
+                x = [0] + [point[key] for point in curve]
+                mean = np.array([0] + [point["effect"][0] for point in curve]) * 100
+                half = np.nan_to_num(np.array([0] + [point["effect"][1] for point in curve]) * 100)
+                line, = ax.plot(x, mean, marker="o", markersize=3, label=name)
+                ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.15)
+            ax.axhline(0, color="grey", linewidth=0.8)
+            ax.set_xlabel("optimiser steps" if key == "step" else "training seconds (warm trajectory cache)")
+            ax.set_title(f"{task} task")
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel("preference effect (points; 95% interval over seeds)")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: a rougher toy model, 1 seed, 6 steps")
-    parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS), help="losses to compare (default: all)")
-    parser.add_argument("--work_dir", default=None, help="where models and runs go (default: a folder in /tmp)")
-    parser.add_argument("--results_dir", default=str(RESULTS), help="where the table, plot and numbers go")
-    args = parser.parse_args()
-    quick = args.quick
-    seeds = [0] if quick else [0, 1, 2]
-    steps, every, samples = (6, 6, 32) if quick else (60, 15, 256)
-    threshold = 0.75
-    work = Path(args.work_dir or f"/tmp/inversion-dpo-alignment{'-quick' if quick else ''}")
-    toy_dir = work / "toy"
+    parser.add_argument("--quick", action="store_true", help="smoke run of every stage (rough toy, 1 seed, few steps)")
+    parser.add_argument("--forms", nargs="+", default=None,
+                        help="restrict to these losses (diffusion_dpo, sft, inversion_dpo, ...; default: all)")
+    parser.add_argument("--work_dir", default=None, help="models, caches and runs (default: a folder in /tmp)")
+    parser.add_argument("--results_dir", default=str(RESULTS), help="where the tables, plot and numbers go")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time (each one CPU thread)")
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    work = Path(args.work_dir or f"/tmp/inversion-dpo-alignment{'-quick' if args.quick else ''}")
+    if args.measure:
+        return measure(args.measure, rest, args.quick, work)
+    from train_inversion_dpo import quiet_startup_warnings
+
+    quiet_startup_warnings()
     started = time.perf_counter()
-    build_steps = dict(vae_steps=40, unet_steps=150) if quick else {}
-    toy_task.build_model(toy_dir / "model", progress=lambda it, desc=None: it, **build_steps)
-    toy_task.build_pairs(toy_dir / "pairs")
-    base_rate, base_heldout = measure(toy_dir, None, samples)
-    print(f"toy model ready: base preference rate {base_rate:.1%}", flush=True)
-
-    configs = {form: ["--loss_type", form] for form in args.forms}
-    if not quick:
-        configs.update(CONTROLS)
-    results = {name: [run_config(toy_dir, work / "runs", name, flags, seed, steps, every, samples) for seed in seeds]
-               for name, flags in configs.items()}
-
-    suffix = "_quick" if quick else ""
+    study = Study(args.quick, work)
+    suffix = "_quick" if args.quick else ""
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"alignment{suffix}.json").write_text(json.dumps(
-        {"base_rate": base_rate, "base_heldout_loss": base_heldout, "runs": results}, indent=1))
-    lines = [
-        f"Toy task (`toy_task.py`): preference rate = fraction of red squares in {samples} samples from fixed seeds; "
-        f"base model {base_rate:.1%}, held-out denoising loss {base_heldout:.4f}. {steps} optimiser steps of 8 pairs, "
-        f"AdamW lr 5e-5 (weight decay 1e-2 unless stated), beta 500, 10 inversion steps, guidance 1; "
-        f"mean ± std over seeds {seeds}.",
-        "",
-        f"| configuration | final rate | change | runs reaching {threshold:.0%} | steps to {threshold:.0%} | "
-        f"seconds to {threshold:.0%} | held-out loss | grad norm, step 1 |",
-        "|---|---|---|---|---|---|---|---|",
-        *[summarise(name, runs, base_rate, threshold) for name, runs in results.items()],
-        "",
-        f"Total benchmark time {time.perf_counter() - started:.0f} s.",
-    ]
+    log_path = results_dir / f"alignment{suffix}.log"
+
+    def log(message):
+        print(message, flush=True)
+        with open(log_path, "a") as f:
+            f.write(message + "\n")
+
+    study.setup()
+    base = measure_base(study)
+    log(f"toy model ready: base preference rates {base}; cache fill seconds {study.fill_seconds}")
+    configs = [c for c in CONFIGS if (args.forms is None or c[0] in args.forms)
+               and not (args.quick and c[1] == "uniform")]  # the smoke run: one weighting
+    records, chosen, grids = {}, {}, {}
+    for loss, weighting in configs:  # 1. grid
+        chosen[(loss, weighting)], grids[f"{loss}/{weighting}"] = choose(study, records, loss, weighting,
+                                                                        args.workers, log)
+    report = {}  # 2. and 3.: label -> spec without task and seed
+    for spec in chosen.values():
+        report[label(spec)] = {**spec, "curve": True}
+    paper = chosen.get(("inversion_dpo", "official"))
+    if paper is not None:
+        for breaker in ("bf16", "none"):
+            report[label({**paper, "breaker": breaker})] = {**paper, "breaker": breaker, "curve": True}
+        official = {**paper, "loss": "inversion_dpo_official", "curve": True}
+        report[label(official)] = official
+    anchored = chosen.get(("inversion_dpo_x0", "official"))
+    if anchored is not None:
+        for count in ((1, 3) if not args.quick else (1,)):
+            spec = {**anchored, "loss_timesteps": count, "curve": True}
+            report[label(spec)] = spec
+    specs = [{**spec, "task": task, "seed": seed} for spec in report.values() for task in TASKS for seed in study.seeds]
+    log(f"report stage: {len(specs) * 2} runs (finished ones reused)")
+    records.update(study.run_all(specs, args.workers))
+    rows = {name: summarise_config(study, records, spec) for name, spec in report.items()}
+
+    reference = rows.get(label(chosen[("diffusion_dpo", "-")])) if ("diffusion_dpo", "-") in chosen else None
+    lines = write_tables(study, base, rows, reference, chosen, time.perf_counter() - started)
     (results_dir / f"alignment{suffix}.md").write_text("\n".join(lines) + "\n")
-    mean_series = {name: [{key: float(np.mean([r[i][key] for r in runs])) for key in ("step", "seconds",
-                                                                                       "preference_rate")}
-                          for i in range(len(runs[0]))] for name, runs in results.items()}
-    plot(mean_series, results_dir / f"alignment{suffix}.png", base_rate)
-    print("\n".join(lines))
-    print(f"wrote {results_dir}/alignment{suffix}.md, .png, .json")
+    (results_dir / f"alignment{suffix}.json").write_text(json.dumps(
+        {"base": base, "fill_seconds": study.fill_seconds, "grids": grids, "rows": rows,
+         "chosen": {f"{k[0]}/{k[1]}": v for k, v in chosen.items()},
+         "runs": {name: {"spec": r["spec"], "measures": r["measures"],
+                         "metrics": {s: {k: m.get(k) for k in ("loss", "margin", "score_w", "score_l", "grad_norm",
+                                                               "saturated", "implicit_accuracy", "elapsed_s")}
+                                     for s, m in r["metrics"].items()}} for name, r in records.items()}},
+        indent=None))
+    plot(rows, results_dir / f"alignment{suffix}.png")
+    log("\n".join(lines))
+
+
+def measure_base(study):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    marker = study.work / "base.json"
+    if not marker.is_file():
+        code = ("import json, toy_task; from pathlib import Path; p = toy_task.load_pipeline(Path(%r)); "
+                "print(json.dumps({t: toy_task.preference_rate(p, %d, t, seed=%d) for t in %r} | "
+                "{'heldout_loss': toy_task.heldout_denoising_loss(p)}))"
+                % (str(study.toy / "model"), study.samples, REPORT_SEED, list(TASKS)))
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
+                                check=True)
+        marker.write_text(result.stdout.strip().splitlines()[-1])
+    return json.loads(marker.read_text())
+
+
+def write_tables(study, base, rows, reference, chosen, total_seconds):
+    lines = [
+        f"Toy tasks (`toy_task.py`), base model: preferred-colour rate {base['colour']:.1%} (colour), "
+        f"{base['warmcool']:.1%} (warmcool); held-out denoising loss {base['heldout_loss']:.4f}. "
+        f"Each run: {study.steps} AdamW steps of {study.batch} pairs ({study.pairs} distinct pairs, none repeated), "
+        f"10 inversion steps, guidance 1, constant lr, weight decay 1e-2 unless stated, fp32. Effect = rate after "
+        f"training for the preference minus after training against it, in points, on {study.samples} samples from "
+        f"sampling seed {REPORT_SEED}; mean ± 95% t-interval over training seeds {study.seeds}. (beta, lr) chosen per "
+        f"form on sampling seed {VALIDATION_SEED}, training seed 0, colour task.",
+        "",
+        "| configuration | beta | lr | colour effect | warmcool effect | colour for / against (%) | "
+        "held-out loss | held-out implicit acc. | train implicit acc. | saturated at end | s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, summary in rows.items():
+        spec, colour, warm = summary["spec"], summary["colour"], summary["warmcool"]
+        lines.append(
+            f"| {name} | {spec['beta'] if spec['beta'] is not None else '-'} | {spec['lr']:g} | "
+            f"{fmt(colour['effect'])} | {fmt(warm['effect'])} | "
+            f"{'/'.join(f'{100 * v:.0f}' for v in colour['rate_for'])} vs "
+            f"{'/'.join(f'{100 * v:.0f}' for v in colour['rate_against'])} | "
+            f"{np.mean([colour['heldout_loss'], warm['heldout_loss']]):.4f} | "
+            f"{np.mean([colour['heldout_implicit_accuracy'], warm['heldout_implicit_accuracy']]):.2f} | "
+            f"{np.mean([colour['train_implicit_accuracy'], warm['train_implicit_accuracy']]):.2f} | "
+            f"{np.mean([colour['saturated_final'], warm['saturated_final']]):.2f} | "
+            f"{np.mean([colour['seconds'], warm['seconds']]):.1f} |")
+    if reference is not None:
+        lines += ["", "Cost: first checkpoint whose mean effect comes within 5 points of diffusion_dpo's final mean "
+                  "effect, in training seconds (warm cache; the fill is apart) and as a fraction of diffusion_dpo's "
+                  "seconds to its final step.", "",
+                  "| configuration | task | reaches at step | seconds | fraction of diffusion_dpo's time |",
+                  "|---|---|---|---|---|"]
+        for task in TASKS:
+            target = reference[task]["effect"][0] - 0.05
+            total = reference[task]["curve"][-1]["seconds"]
+            for name, summary in rows.items():
+                point = next((p for p in summary[task]["curve"] if p["effect"][0] >= target), None)
+                lines.append(f"| {name} | {task} | {point['step'] if point else 'never'} | "
+                             f"{point['seconds']:.1f} | {point['seconds'] / total:.2f} |" if point else
+                             f"| {name} | {task} | never | - | - |")
+    lines += ["", "Trajectory cache fill (once per task, reported apart): "
+              + ", ".join(f"{t} {s:.0f} s" for t, s in study.fill_seconds.items()) + ".",
+              f"Study time {total_seconds:.0f} s (this invocation; finished runs are reused)."]
+    return lines
 
 
 if __name__ == "__main__":
