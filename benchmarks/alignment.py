@@ -135,7 +135,7 @@ class Study:
             if result.returncode != 0:
                 raise RuntimeError(f"measuring {run_dir} failed:\n{result.stderr[-3000:]}")
             record["measures"].update(json.loads(result.stdout.strip().splitlines()[-1]))
-        record_path.write_text(json.dumps(record))
+            record_path.write_text(json.dumps(record))
         return record
 
     def train(self, spec, run_dir):
@@ -309,7 +309,7 @@ def summarise_config(study, records, spec):
     held-out loss, implicit accuracy, one-sided rates and saturation."""
     out = {"spec": spec}
     final_key = f"rate:{study.steps}:{REPORT_SEED}:{study.samples}"
-    for task in TASKS:
+    for task in spec.get("tasks", TASKS):
         specs = [{**spec, "task": task, "seed": seed} for seed in study.seeds]
         effects = [effect_of(records, s, final_key) for s in specs]
         runs = {d: [records[name_of({**s, "direction": d})] for s in specs] for d in ("for", "against")}
@@ -327,8 +327,8 @@ def summarise_config(study, records, spec):
             "heldout_loss": float(np.mean([r["measures"]["final"]["heldout_loss"] for d in runs for r in runs[d]])),
             "heldout_implicit_accuracy": float(np.mean([r["measures"]["final"]["heldout_implicit_accuracy"]
                                                         for d in runs for r in runs[d]])),
-            "train_implicit_accuracy": float(np.mean([r["metrics"][str(study.steps)]["implicit_accuracy"]
-                                                      for d in runs for r in runs[d]])),
+            "train_implicit_accuracy": float(np.mean([r["metrics"][str(study.steps)].get("implicit_accuracy", np.nan)
+                                                      for d in runs for r in runs[d]])),  # sft has none
             "saturated_final": float(np.mean([r["metrics"][str(study.steps)].get("saturated", 0.0)
                                               for d in runs for r in runs[d]])),
             "first_saturated_step": [next((int(s) for s, m in sorted(r["metrics"].items(), key=lambda x: int(x[0]))
@@ -363,6 +363,8 @@ def plot(rows, path):
         for column, key in enumerate(("step", "seconds")):
             ax = axes[row][column]
             for name, summary in rows.items():
+                if task not in summary:
+                    continue
                 curve = summary[task]["curve"]
                 x = [0] + [point[key] for point in curve]
                 mean = np.array([0] + [point["effect"][0] for point in curve]) * 100
@@ -421,16 +423,18 @@ def main():
         report[label(spec)] = {**spec, "curve": True}
     paper = chosen.get(("inversion_dpo", "official"))
     if paper is not None:
-        for breaker in ("bf16", "none"):
-            report[label({**paper, "breaker": breaker})] = {**paper, "breaker": breaker, "curve": True}
-        official = {**paper, "loss": "inversion_dpo_official", "curve": True}
+        for breaker in ("bf16", "none"):  # one task answers whether the sign follows the breaker
+            report[label({**paper, "breaker": breaker})] = {**paper, "breaker": breaker, "curve": True,
+                                                            "tasks": ["colour"]}
+        official = {**paper, "loss": "inversion_dpo_official", "curve": True, "tasks": ["colour"]}
         report[label(official)] = official
     anchored = chosen.get(("inversion_dpo_x0", "official"))
     if anchored is not None:
         for count in ((1, 3) if not args.quick else (1,)):
             spec = {**anchored, "loss_timesteps": count, "curve": True}
             report[label(spec)] = spec
-    specs = [{**spec, "task": task, "seed": seed} for spec in report.values() for task in TASKS for seed in study.seeds]
+    specs = [{**spec, "task": task, "seed": seed} for spec in report.values() for task in spec.get("tasks", TASKS)
+             for seed in study.seeds]
     log(f"report stage: {len(specs) * 2} runs (finished ones reused)")
     records.update(study.run_all(specs, args.workers))
     rows = {name: summarise_config(study, records, spec) for name, spec in report.items()}
@@ -479,17 +483,19 @@ def write_tables(study, base, rows, reference, chosen, total_seconds):
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in rows.items():
-        spec, colour, warm = summary["spec"], summary["colour"], summary["warmcool"]
+        spec, colour = summary["spec"], summary["colour"]
+        tasks = [summary[task] for task in TASKS if task in summary]
+
+        def mean(key):
+            return np.mean([task[key] for task in tasks])
+
         lines.append(
             f"| {name} | {spec['beta'] if spec['beta'] is not None else '-'} | {spec['lr']:g} | "
-            f"{fmt(colour['effect'])} | {fmt(warm['effect'])} | "
+            f"{fmt(colour['effect'])} | {fmt(summary['warmcool']['effect']) if 'warmcool' in summary else 'not run'} | "
             f"{'/'.join(f'{100 * v:.0f}' for v in colour['rate_for'])} vs "
-            f"{'/'.join(f'{100 * v:.0f}' for v in colour['rate_against'])} | "
-            f"{np.mean([colour['heldout_loss'], warm['heldout_loss']]):.4f} | "
-            f"{np.mean([colour['heldout_implicit_accuracy'], warm['heldout_implicit_accuracy']]):.2f} | "
-            f"{np.mean([colour['train_implicit_accuracy'], warm['train_implicit_accuracy']]):.2f} | "
-            f"{np.mean([colour['saturated_final'], warm['saturated_final']]):.2f} | "
-            f"{np.mean([colour['seconds'], warm['seconds']]):.1f} |")
+            f"{'/'.join(f'{100 * v:.0f}' for v in colour['rate_against'])} | {mean('heldout_loss'):.4f} | "
+            f"{mean('heldout_implicit_accuracy'):.2f} | {mean('train_implicit_accuracy'):.2f} | "
+            f"{mean('saturated_final'):.2f} | {mean('seconds'):.1f} |")
     if reference is not None:
         lines += ["", "Cost: first checkpoint whose mean effect comes within 5 points of diffusion_dpo's final mean "
                   "effect, in training seconds (warm cache; the fill is apart) and as a fraction of diffusion_dpo's "
@@ -500,6 +506,8 @@ def write_tables(study, base, rows, reference, chosen, total_seconds):
             target = reference[task]["effect"][0] - 0.05
             total = reference[task]["curve"][-1]["seconds"]
             for name, summary in rows.items():
+                if task not in summary:
+                    continue
                 point = next((p for p in summary[task]["curve"] if p["effect"][0] >= target), None)
                 lines.append(f"| {name} | {task} | {point['step'] if point else 'never'} | "
                              f"{point['seconds']:.1f} | {point['seconds'] / total:.2f} |" if point else

@@ -28,16 +28,33 @@ def test_preference_measure_tells_red_from_blue():
     assert 100 <= int(square.sum()) <= 256  # a side of 10 to 16 pixels
 
 
-def test_pairs_rank_red_above_blue(tmp_path):
-    manifest = toy_task.build_pairs(tmp_path / "pairs", count=4)
+@pytest.mark.parametrize("task", ["colour", "warmcool"])
+def test_pairs_rank_the_captions_preferred_colour_first_and_the_swapped_manifest_the_other(tmp_path, task):
+    manifest = toy_task.build_pairs(tmp_path / "pairs", count=6, task=task)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    assert len(rows) == 4 and all(row["caption"] == toy_task.CAPTION for row in rows)
+    swapped = [json.loads(line) for line in (manifest.parent / "pairs_swapped.jsonl").read_text().splitlines()]
+    expected = {"colour": {"a square": True}, "warmcool": {"a warm square": True, "a cool square": False}}[task]
+    assert len(rows) == len(swapped) == 6 and {row["caption"] for row in rows} == set(expected)
     from PIL import Image
 
-    for row in rows:
-        winner = toy_task.to_tensor([Image.open(manifest.parent / row["chosen"]).convert("RGB")])
-        loser = toy_task.to_tensor([Image.open(manifest.parent / row["rejected"]).convert("RGB")])
-        assert toy_task.is_red(winner).item() and not toy_task.is_red(loser).item()
+    def red(row, column):
+        return toy_task.is_red(toy_task.to_tensor([Image.open(manifest.parent / row[column]).convert("RGB")])).item()
+
+    for row, other in zip(rows, swapped):
+        assert red(row, "chosen") == expected[row["caption"]] and red(row, "rejected") != expected[row["caption"]]
+        assert (other["caption"], other["chosen"], other["rejected"]) == (row["caption"], row["rejected"], row["chosen"])
+
+
+def test_preference_measure_counts_each_captions_preferred_colour():
+    rng = np.random.default_rng(0)
+    red, blue = (toy_task.to_tensor([toy_task.render(c, rng)]) for c in ("red", "blue"))
+    images = torch.cat([red, red, blue, blue])
+    captions = ["a warm square", "a cool square", "a warm square", "a cool square"]
+    assert toy_task.prefers(images, captions, "warmcool").tolist() == [True, False, False, True]
+    assert toy_task.prefers(images, ["a square"] * 4, "colour").tolist() == [True, True, False, False]
+    assert toy_task.task_captions("warmcool", 3) == ["a warm square", "a cool square", "a warm square"]
+    with pytest.raises(ValueError, match="unknown toy task 'shape'"):
+        toy_task.task_captions("shape", 2)
 
 
 def test_an_interrupted_build_is_never_reused_and_a_complete_one_always_is(tmp_path):
@@ -69,20 +86,38 @@ def test_demo_refuses_an_unwritable_output_location(tmp_path):
     assert f"cannot write to {blocker / 'demo'}; set DEMO_DIR to a writable folder" in result.stderr
 
 
-def test_alignment_benchmark_quick_run_writes_its_outputs(tmp_path):
+def test_alignment_study_quick_run_writes_its_outputs(tmp_path):
+    # one inversion form and the baseline: the smoke run is about the script (every form trains in test_train.py)
     results = tmp_path / "results"
-    # two of the five forms (every form trains in tests/test_train.py): the smoke run is about the script
-    forms = ["inversion_dpo", "diffusion_dpo"]
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "alignment.py"), "--quick", "--forms", *forms,
-                    "--work_dir", str(tmp_path / "work"), "--results_dir", str(results)], check=True, cwd=ROOT,
-                   capture_output=True, text=True, timeout=600)
-    table = (results / "alignment_quick.md").read_text()
-    for form in forms:
-        assert f"| {form} |" in table
+    command = [sys.executable, str(ROOT / "benchmarks" / "alignment.py"), "--quick", "--forms", "inversion_dpo_x0",
+               "diffusion_dpo", "--work_dir", str(tmp_path / "work"), "--results_dir", str(results)]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
     numbers = json.loads((results / "alignment_quick.json").read_text())
-    assert set(numbers["runs"]) == set(forms)
-    assert all(0 <= point["preference_rate"] <= 1 for runs in numbers["runs"].values() for run in runs
-               for point in run)
+    assert set(numbers["rows"]) == {"inversion_dpo_x0, official weights", "diffusion_dpo",
+                                    "inversion_dpo_x0, official weights, 1 loss step per pair"}
+    for row in numbers["rows"].values():
+        for task in ("colour", "warmcool"):
+            summary = row[task]
+            # the effect is the 'for' rate minus the 'against' rate, seed by seed
+            assert summary["effects"] == pytest.approx([f - a for f, a in zip(summary["rate_for"],
+                                                                                 summary["rate_against"])])
+            assert all(0 <= rate <= 1 for rate in summary["rate_for"] + summary["rate_against"])
+    runs = numbers["runs"]
+    assert all(name.split("-")[-1] in ("for", "against") for name in runs)
+    table = (results / "alignment_quick.md").read_text()
+    assert "| inversion_dpo_x0, official weights |" in table and "| diffusion_dpo |" in table
     from PIL import Image
 
-    assert Image.open(results / "alignment_quick.png").size == (1100, 520)
+    assert Image.open(results / "alignment_quick.png").size[0] > 0
+    # resumable: a second invocation reuses every finished run (no training, no measuring)
+    started = {p: p.stat().st_mtime for p in (tmp_path / "work" / "runs").glob("*/record.json")}
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # the per-timestep decomposition reads the study's runs
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "why.py"), "--quick", "--work_dir", str(tmp_path / "work"),
+                    "--results_dir", str(results)], check=True, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    why = json.loads((results / "why_quick.json").read_text())
+    entry = why["inversion_dpo_x0, official weights"]["for"]
+    assert len(entry["winner"]) == len(entry["loser"]) == 10
+    assert entry["S_w"] == pytest.approx(sum(entry["winner"]), rel=1e-5, abs=1e-9)
+    assert set(why["diffusion_dpo"]["for"]) == {"noising"}
+    assert started and {p: p.stat().st_mtime for p in (tmp_path / "work" / "runs").glob("*/record.json")} == started

@@ -1,0 +1,147 @@
+"""Why does a form follow the preference or not? Per-timestep decomposition of its score on held-out pairs.
+
+For the runs of the alignment study (benchmarks/alignment.py; colour task, training seed 0, trained for and
+against the preference), take each trajectory form's trained UNet and the base (reference) UNet, invert the
+held-out pairs with the reference exactly as the trainer does, and split the form's score S = (1/N) sum_i w_i
+(E_i(theta) - E_i(ref)) into its winner and loser terms per inversion step i (for the paper and released forms
+E_i(ref) = 0: the reference's error at its own inversion points vanishes). The margin is -beta/2 (S_w - S_l).
+Also, for every form, the denoising error at random noisings (what sampling depends on) on red and on blue squares:
+did training move the model on the colour it was trained on, or only along the trajectories?
+
+    python benchmarks/why.py --work_dir /tmp/inversion-dpo-alignment   # after the study; about a minute
+
+Writes benchmarks/results/why{,_quick}.md and .json.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import losses  # noqa: E402
+import toy_task  # noqa: E402
+from alignment import RESULTS, name_of  # noqa: E402
+from inversion import (InversionSchedule, anchored_noise, ddim_invert, forward_noise,  # noqa: E402
+                       predict_on_trajectory, training_alphas)
+
+POINT = {"inversion_dpo": "start", "inversion_dpo_official": "start", "inversion_dpo_exact": "end",
+         "inversion_dpo_x0": "end"}
+
+
+def latents_of(pipe, folder, files):
+    images = toy_task.to_tensor([Image.open(folder / name).convert("RGB") for name in files])
+    return pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decompose(base, tuned_unet, spec, manifest):
+    """Per step i: mean over pairs of w_i (E_i(theta) - E_i(ref)) for winners and for losers, and the margin."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    latents = torch.cat([latents_of(base, manifest.parent, [r["chosen"] for r in rows]),
+                         latents_of(base, manifest.parent, [r["rejected"] for r in rows])])
+    captions = [r["caption"] for r in rows] * 2
+    cond, uncond = toy_task.caption_conditioning(base, captions)
+    schedule = InversionSchedule.from_scheduler_config(base.scheduler.config, 10)
+    trajectory = ddim_invert(base.unet, latents, cond, uncond, schedule, 1.0, with_noise_at_end=True)
+    loss = spec["loss"]
+    target = anchored_noise(trajectory.latents, trajectory.alphas) if loss == "inversion_dpo_x0" else trajectory.noise
+    policy = predict_on_trajectory(tuned_unet, trajectory, cond, uncond, 1.0, at=POINT[loss])
+    errors = losses.squared_error(policy, target, batch_dims=2)
+    if POINT[loss] == "end":
+        reference = losses.squared_error(trajectory.noise_at_end, target, batch_dims=2)
+    else:
+        reference = torch.zeros_like(errors)
+    weights = losses.timestep_weights(schedule.alphas[1:], spec["weighting"])
+    terms = (errors - reference) * weights / schedule.num_steps  # (2B, N): summing over steps gives S
+    terms_w, terms_l = terms.chunk(2)
+    sign = 1.0 if loss == "inversion_dpo_official" else -1.0
+    margin = sign * spec["beta"] / 2 * (terms_w.sum(1) - terms_l.sum(1))
+    return {"timesteps": schedule.timesteps.tolist(), "winner": terms_w.mean(0).tolist(),
+            "loser": terms_l.mean(0).tolist(), "S_w": terms_w.sum(1).mean().item(), "S_l": terms_l.sum(1).mean().item(),
+            "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item()}
+
+
+@torch.no_grad()
+def colour_errors(pipe, reference_unet, count=256, seed=99):
+    """Policy minus reference denoising error at random noisings, on red and on blue squares ("a square")."""
+    out = {}
+    for colour in ("red", "blue"):
+        rng = np.random.default_rng(seed)
+        images = toy_task.to_tensor([toy_task.render(colour, rng) for _ in range(count)])
+        x0 = pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
+        generator = torch.Generator().manual_seed(seed)
+        alphas = training_alphas(pipe.scheduler.config)
+        t = torch.randint(0, len(alphas), (count,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        cond, _ = toy_task.caption_conditioning(pipe, [toy_task.CAPTION] * count)
+        noisy = forward_noise(x0, noise, alphas[t])
+        kwargs = cond.unet_kwargs(torch.float32)
+        errors = [losses.squared_error(unet(noisy, t, **kwargs).sample, noise).mean().item()
+                  for unet in (pipe.unet, reference_unet)]
+        out[colour] = errors[0] - errors[1]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default="/tmp/inversion-dpo-alignment")
+    parser.add_argument("--results_dir", default=str(RESULTS))
+    parser.add_argument("--quick", action="store_true", help="read the study's --quick results")
+    args = parser.parse_args()
+    suffix = "_quick" if args.quick else ""
+    torch.set_num_threads(2)
+    work, results = Path(args.work_dir), Path(args.results_dir)
+    study = json.loads((results / f"alignment{suffix}.json").read_text())
+    base = toy_task.load_pipeline(work / "toy" / "model")
+    manifest = work / "toy" / "heldout_colour" / "pairs.jsonl"
+    report = {}
+    lines = ["Held-out colour pairs (never trained on), colour task, training seed 0, the study's chosen settings. "
+             "Per inversion step (tau, noisiest last): mean over pairs of w_i (E_i(theta) - E_i(ref)) / N for the "
+             "winners (red) and the losers (blue), x1000; S = their sum over steps; margin = -beta/2 (S_w - S_l) "
+             "(released form: +beta/2). Trained for red (\"for\") and for blue (\"against\"). Last columns: policy "
+             "minus reference denoising error at random noisings on red and on blue squares, x1000.", ""]
+    for name, row in study["rows"].items():
+        spec = row["spec"]
+        runs = {d: work / "runs" / name_of({**spec, "task": "colour", "seed": 0, "direction": d})
+                for d in ("for", "against")}
+        if not all((r / "unet").is_dir() for r in runs.values()):
+            continue
+        report[name] = {}
+        for direction, run_dir in runs.items():
+            pipe = toy_task.load_pipeline(work / "toy" / "model", run_dir)
+            entry = {"noising": colour_errors(pipe, base.unet)}
+            if spec["loss"] in POINT:
+                entry.update(decompose(base, pipe.unet, spec, manifest))
+            report[name][direction] = entry
+        lines += [f"**{name}** (beta {spec['beta']}, lr {spec['lr']:g}; colour effect "
+                  f"{100 * row['colour']['effect'][0]:+.1f} points)", ""]
+        if spec["loss"] in POINT:
+            steps = report[name]["for"]["timesteps"]
+            lines += ["| run | term | " + " | ".join(f"t={t}" for t in steps) + " | S | margin, acc. |",
+                      "|---|---|" + "---|" * len(steps) + "---|---|"]
+            for direction, entry in report[name].items():
+                for term, key in (("winner (red)", "winner"), ("loser (blue)", "loser")):
+                    total = entry["S_w" if key == "winner" else "S_l"]
+                    tail = f"{entry['margin']:+.2f}, {entry['accuracy']:.2f}" if key == "winner" else ""
+                    lines.append(f"| {direction} | {term} | " + " | ".join(f"{1000 * v:+.2f}" for v in entry[key])
+                                 + f" | {1000 * total:+.2f} | {tail} |")
+            lines.append("")
+        lines += ["| run | noising error change, red | blue |", "|---|---|---|"]
+        for direction, entry in report[name].items():
+            lines.append(f"| {direction} | {1000 * entry['noising']['red']:+.2f} | {1000 * entry['noising']['blue']:+.2f} |")
+        lines.append("")
+    (results / f"why{suffix}.md").write_text("\n".join(lines) + "\n")
+    (results / f"why{suffix}.json").write_text(json.dumps(report, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
