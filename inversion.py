@@ -403,3 +403,79 @@ def ddim_invert(unet, latents, cond, uncond, schedule, guidance_scale, with_nois
             unet, trajectory, cond, uncond, guidance_scale, at="end", chunk_size=chunk_size
         )
     return trajectory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rectified flows (SD3/SD3.5, FLUX): Euler inversion in velocity space (METHOD.md section 7)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlowSchedule:
+    """The N upward Euler steps of a flow inversion: noise levels 0 = sigma_0 < sigma_1 < ... < sigma_N."""
+
+    sigmas: torch.Tensor  # (N + 1,) float32, ascending from 0
+    num_train_timesteps: int = 1000
+
+    @property
+    def num_steps(self):
+        return len(self.sigmas) - 1
+
+    @property
+    def timesteps(self):
+        """(N,) the model's timestep input at sigma_1..sigma_N (sigma * num_train_timesteps, as the pipelines pass)."""
+        return self.sigmas[1:] * self.num_train_timesteps
+
+    @classmethod
+    def from_scheduler_config(cls, scheduler_config, num_steps, mu=None):
+        """The model's own N sampling sigmas (its FlowMatchEulerDiscreteScheduler config: shift, or with dynamic
+        shifting the resolution-dependent `mu` the pipeline computes), run upward from 0."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
+        if scheduler.config.use_dynamic_shifting and mu is None:
+            raise ValueError("this model's scheduler shifts its sigmas with the image size; pass the pipeline's mu "
+                             "for the training resolution")
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"the number of inversion steps must be a positive integer, got {num_steps!r}")
+        scheduler.set_timesteps(num_steps, mu=mu)
+        sigmas = scheduler.sigmas.float().flip(0)  # the sampler's sigmas end at 0; inversion starts there
+        if sigmas[0] != 0 or not bool((sigmas[1:] > sigmas[:-1]).all()):
+            raise ValueError(f"expected sigmas rising from 0, got {sigmas.tolist()}")
+        return cls(sigmas=sigmas, num_train_timesteps=scheduler.config.num_train_timesteps)
+
+
+def euler_step(latents, velocity, sigma_from, sigma_to):
+    """x_to = x_from + (sigma_to - sigma_from) * v in float32: upward it is inversion step i (v = v_i); downward
+    with the same v it is the sampler's Euler step, which lands exactly back on x_from."""
+    return latents.float() + (float(sigma_to) - float(sigma_from)) * velocity.float()
+
+
+@torch.no_grad()
+def flow_invert(velocity, latents, schedule):
+    """Invert clean latents x_0 (B, ...) along the flow of the frozen reference, one Euler step per sigma:
+
+        v_i = velocity(x_{i-1}, sigma_i);   x_i = x_{i-1} + (sigma_i - sigma_{i-1}) v_i
+
+    `velocity(x, timesteps)` is the reference's (guided) velocity at model timesteps (B,) = sigma * T. Returns
+    (points (B, N+1, ...) x_0..x_N, velocities (B, N, ...) v_1..v_N), float32.
+    """
+    x = latents.float()
+    points, velocities = [x], []
+    for i in range(schedule.num_steps):
+        timesteps = schedule.timesteps[i].expand(len(x)).to(x.device)
+        v = velocity(x, timesteps).float()
+        x = euler_step(x, v, schedule.sigmas[i], schedule.sigmas[i + 1])
+        points.append(x)
+        velocities.append(v)
+    return torch.stack(points, 1), torch.stack(velocities, 1)
+
+
+def anchored_velocity(points, sigmas):
+    """The anchored form's flow target v^_i = (x_i - x_0) / sigma_i = eps^_i - x_0, where eps^_i is x_i's noise
+    relative to x_0 (x_i = (1 - sigma_i) x_0 + sigma_i eps^_i exactly). points (B, N+1, ...), sigmas (N+1,):
+    returns (B, N, ...) for i = 1..N, float32."""
+    points = points.float()
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=points.device)[1:]
+    sigmas = sigmas.reshape(1, -1, *([1] * (points.ndim - 2)))
+    return (points[:, 1:] - points[:, :1]) / sigmas

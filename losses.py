@@ -47,6 +47,18 @@ def timestep_weights(alphas, weighting):
     return 1.0 / (2.0 * alphas)
 
 
+def flow_timestep_weights(sigmas, weighting):
+    """w_i for velocity errors at flow noise levels `sigmas` (METHOD.md section 7): "official" gives each step the
+    epsilon-space weight 1 / (2a) that the DDPM official weight gives at the same signal-to-noise ratio
+    (a = SNR / (1 + SNR), SNR = (1 - sigma)^2 / sigma^2) times the factor (1 - sigma)^2 that turns a velocity error
+    into an epsilon error: ((1 - sigma)^2 + sigma^2) / 2. "uniform": 1."""
+    check_choice("timestep weighting", weighting, WEIGHTINGS)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    if weighting == "uniform":
+        return torch.ones_like(sigmas)
+    return ((1 - sigmas) ** 2 + sigmas**2) / 2
+
+
 def squared_error(prediction, target, batch_dims=1):
     """Mean of (prediction - target)^2 over every axis after the first `batch_dims`, in float32."""
     if prediction.shape != target.shape:

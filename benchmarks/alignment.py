@@ -314,7 +314,7 @@ def summarise_config(study, records, spec):
         effects = [effect_of(records, s, final_key) for s in specs]
         runs = {d: [records[name_of({**s, "direction": d})] for s in specs] for d in ("for", "against")}
         curve = []
-        for step in study.curve:
+        for step in study.curve if spec.get("curve") else [study.steps]:
             key = final_key if step == study.steps else f"rate:{step}:{REPORT_SEED}:{study.curve_samples}"
             values = [effect_of(records, s, key) for s in specs]
             seconds = [r["metrics"][str(step)]["elapsed_s"] for d in runs for r in runs[d]]
@@ -363,7 +363,7 @@ def plot(rows, path):
         for column, key in enumerate(("step", "seconds")):
             ax = axes[row][column]
             for name, summary in rows.items():
-                if task not in summary:
+                if task not in summary or not summary["spec"].get("curve"):
                     continue
                 curve = summary[task]["curve"]
                 x = [0] + [point[key] for point in curve]
@@ -419,18 +419,17 @@ def main():
         chosen[(loss, weighting)], grids[f"{loss}/{weighting}"] = choose(study, records, loss, weighting,
                                                                         args.workers, log)
     report = {}  # 2. and 3.: label -> spec without task and seed
-    for spec in chosen.values():
-        report[label(spec)] = {**spec, "curve": True}
+    for spec in chosen.values():  # curves (effect along training) for the official weighting and the baselines
+        report[label(spec)] = {**spec, "curve": spec["weighting"] != "uniform"}
     paper = chosen.get(("inversion_dpo", "official"))
     if paper is not None:
         for breaker in ("bf16", "none"):  # one task answers whether the sign follows the breaker
-            report[label({**paper, "breaker": breaker})] = {**paper, "breaker": breaker, "curve": True,
-                                                            "tasks": ["colour"]}
-        official = {**paper, "loss": "inversion_dpo_official", "curve": True, "tasks": ["colour"]}
+            report[label({**paper, "breaker": breaker})] = {**paper, "breaker": breaker, "tasks": ["colour"]}
+        official = {**paper, "loss": "inversion_dpo_official", "tasks": ["colour"]}
         report[label(official)] = official
     anchored = chosen.get(("inversion_dpo_x0", "official"))
     if anchored is not None:
-        for count in ((1, 3) if not args.quick else (1,)):
+        for count in (1,):
             spec = {**anchored, "loss_timesteps": count, "curve": True}
             report[label(spec)] = spec
     specs = [{**spec, "task": task, "seed": seed} for spec in report.values() for task in spec.get("tasks", TASKS)
