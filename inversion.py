@@ -479,3 +479,15 @@ def anchored_velocity(points, sigmas):
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=points.device)[1:]
     sigmas = sigmas.reshape(1, -1, *([1] * (points.ndim - 2)))
     return (points[:, 1:] - points[:, :1]) / sigmas
+
+
+def flow_forward(latents, noise, sigmas):
+    """The flow's forward process x_sigma = (1 - sigma) x_0 + sigma * eps, one sigma per sample (B,); float32.
+    Its velocity target (what the model is trained to predict there) is eps - x_0."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=latents.device).reshape(-1, *([1] * (latents.ndim - 1)))
+    return (1 - sigmas) * latents.float() + sigmas * noise.float()
+
+
+def logit_normal_sigmas(count, generator=None, mean=0.0, std=1.0):
+    """`count` training noise levels from SD3's logit-normal density: sigma = sigmoid(n), n ~ N(mean, std^2)."""
+    return torch.sigmoid(mean + std * torch.randn(count, generator=generator))
