@@ -4,7 +4,8 @@
 # 1. builds (once, reused afterwards) a toy text-to-image model: the tiny SDXL-shaped pipeline with its VAE and UNet
 #    trained here on 32x32 images of a red or a blue square, and 256 preference pairs ranking red above blue;
 # 2. trains it with train_inversion_dpo.py through accelerate, the code path of SDXL (VAE encoding, both text
-#    encoders, DDIM inversion by the reference, the paper's loss, checkpoints);
+#    encoders, DDIM inversion by the reference, checkpoints) with the loss and settings that the alignment study
+#    (benchmarks/alignment.py, README "Choosing a loss") recommends: the anchored form, official weights;
 # 3. samples the base and the tuned model from the same seeds and prints the fraction of red squares.
 #
 # DEMO_DIR chooses where everything goes (default demo_output/); extra arguments go to the trainer.
@@ -22,8 +23,7 @@ rm -f "$DEMO_DIR/.writable"
 echo "== 1/3 toy model and preference pairs (built once, then reused)"
 python toy_task.py build "$DEMO_DIR"
 
-echo "== 2/3 Inversion-DPO training (paper loss, 10 inversion steps, 60 optimiser steps)"
-echo "   (the zero-gradient warning at step 1 is expected: see README.md, 'Zero gradient at the start')"
+echo "== 2/3 Inversion-DPO training (anchored form, 10 inversion steps, 40 optimiser steps of 8 pairs)"
 rm -rf "$DEMO_DIR/run"
 python -m accelerate.commands.launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
   --dynamo_backend no train_inversion_dpo.py \
@@ -31,9 +31,9 @@ python -m accelerate.commands.launch --cpu --num_processes 1 --num_machines 1 --
   --dataset_name "$DEMO_DIR/pairs/pairs.jsonl" \
   --output_dir "$DEMO_DIR/run" \
   --resolution 32 --no_hflip \
-  --loss_type inversion_dpo --num_inference_steps 10 --inversion_guidance_scale 1 --trajectory_chunk_size 10 \
-  --beta_dpo 500 --learning_rate 5e-5 --lr_scheduler constant \
-  --train_batch_size 8 --max_train_steps 60 --checkpointing_steps 30 \
+  --loss_type inversion_dpo_x0 --num_inference_steps 10 --inversion_guidance_scale 1 --trajectory_chunk_size 10 \
+  --beta_dpo 50 --learning_rate 1e-4 --lr_scheduler constant \
+  --train_batch_size 8 --max_train_steps 40 --checkpointing_steps 20 \
   --report_to none --seed 0 "$@"
 
 echo "== 3/3 sampling the base and the tuned model from the same seeds"

@@ -2,7 +2,11 @@
 # Inversion-DPO on SDXL with the released recipe. Run it on a GPU node from the repository root.
 #
 # Change any value through its environment variable, or append flags (they come last, so they win):
-#   DATASET_NAME=/data/pickapic_v2 OUTPUT_DIR=runs/exact bash sdxl.sh --loss_type inversion_dpo_exact
+#   DATASET_NAME=/data/pickapic_v2 OUTPUT_DIR=runs/paper bash sdxl.sh --loss_type inversion_dpo
+# The loss is the trainer's default, the anchored form (inversion_dpo_x0): in the project's alignment study it was the
+# inversion form whose preference effect held on every seed (README, "Choosing a loss"). The released run's loss:
+#   bash sdxl.sh --loss_type inversion_dpo_official --inversion_steps_offset 0      (the paper's sign: inversion_dpo)
+# BETA_DPO and LEARNING_RATE are the released ones; the toy study's values do not carry over to SDXL.
 # The released launcher's flags (--sdxl, --variant, --cache_dir, --cache_dir_model, --dataloader_num_workers) are
 # accepted, so a released command line works with only the script name changed. Set VAE= or VARIANT= (empty) to
 # leave those flags out. Several GPUs: put accelerate's flags in ACCELERATE_ARGS, e.g. "--multi_gpu --num_processes 8".

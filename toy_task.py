@@ -155,7 +155,7 @@ def task_captions(task, count):
     return [captions[i % len(captions)] for i in range(count)]
 
 
-def build_pairs(folder, count=256, seed=1, task="colour"):
+def build_pairs(folder, count=512, seed=1, task="colour"):
     """`count` pairs of `task` as PNGs (a red and a blue square each) and two jsonl manifests: pairs.jsonl with the
     caption's preferred colour as winner, pairs_swapped.jsonl with winner and loser exchanged. Returns pairs.jsonl."""
 

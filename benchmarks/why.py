@@ -5,8 +5,9 @@ against the preference), take each trajectory form's trained UNet and the base (
 held-out pairs with the reference exactly as the trainer does, and split the form's score S = (1/N) sum_i w_i
 (E_i(theta) - E_i(ref)) into its winner and loser terms per inversion step i (for the paper and released forms
 E_i(ref) = 0: the reference's error at its own inversion points vanishes). The margin is -beta/2 (S_w - S_l).
-Also, for every form, the denoising error at random noisings (what sampling depends on) on red and on blue squares:
-did training move the model on the colour it was trained on, or only along the trajectories?
+Also, for every form, the change in denoising error on fresh red and blue squares at three noise levels (what
+sampling depends on): did training move the model on the colours, at which noise levels, or only along the
+trajectories?
 
     python benchmarks/why.py --work_dir /tmp/inversion-dpo-alignment   # after the study; about a minute
 
@@ -69,24 +70,29 @@ def decompose(base, tuned_unet, spec, manifest):
             "margin": margin.mean().item(), "accuracy": (margin > 0).float().mean().item()}
 
 
+NOISE_LEVELS = (100, 500, 900)  # training timesteps: little, half and mostly noise
+
+
 @torch.no_grad()
 def colour_errors(pipe, reference_unet, count=256, seed=99):
-    """Policy minus reference denoising error at random noisings, on red and on blue squares ("a square")."""
+    """Policy minus reference denoising error on fresh red and blue squares ("a square") at fixed timesteps:
+    {colour: {t: change}} (negative: the policy denoises that colour better than the base model)."""
     out = {}
+    alphas = training_alphas(pipe.scheduler.config)
+    cond, _ = toy_task.caption_conditioning(pipe, [toy_task.CAPTION] * count)
+    kwargs = cond.unet_kwargs(torch.float32)
     for colour in ("red", "blue"):
         rng = np.random.default_rng(seed)
         images = toy_task.to_tensor([toy_task.render(colour, rng) for _ in range(count)])
         x0 = pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
-        generator = torch.Generator().manual_seed(seed)
-        alphas = training_alphas(pipe.scheduler.config)
-        t = torch.randint(0, len(alphas), (count,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        cond, _ = toy_task.caption_conditioning(pipe, [toy_task.CAPTION] * count)
-        noisy = forward_noise(x0, noise, alphas[t])
-        kwargs = cond.unet_kwargs(torch.float32)
-        errors = [losses.squared_error(unet(noisy, t, **kwargs).sample, noise).mean().item()
-                  for unet in (pipe.unet, reference_unet)]
-        out[colour] = errors[0] - errors[1]
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+        out[colour] = {}
+        for level in NOISE_LEVELS:
+            t = torch.full((count,), level)
+            noisy = forward_noise(x0, noise, alphas[t])
+            errors = [losses.squared_error(unet(noisy, t, **kwargs).sample, noise).mean().item()
+                      for unet in (pipe.unet, reference_unet)]
+            out[colour][level] = errors[0] - errors[1]
     return out
 
 
@@ -107,7 +113,7 @@ def main():
              "Per inversion step (tau, noisiest last): mean over pairs of w_i (E_i(theta) - E_i(ref)) / N for the "
              "winners (red) and the losers (blue), x1000; S = their sum over steps; margin = -beta/2 (S_w - S_l) "
              "(released form: +beta/2). Trained for red (\"for\") and for blue (\"against\"). Last columns: policy "
-             "minus reference denoising error at random noisings on red and on blue squares, x1000.", ""]
+             "minus reference denoising error on fresh red and blue squares noised to t = 100, 500, 900, x1000.", ""]
     for name, row in study["rows"].items():
         spec = row["spec"]
         runs = {d: work / "runs" / name_of({**spec, "task": "colour", "seed": 0, "direction": d})
@@ -134,9 +140,11 @@ def main():
                     lines.append(f"| {direction} | {term} | " + " | ".join(f"{1000 * v:+.2f}" for v in entry[key])
                                  + f" | {1000 * total:+.2f} | {tail} |")
             lines.append("")
-        lines += ["| run | noising error change, red | blue |", "|---|---|---|"]
+        lines += ["| run | " + " | ".join(f"{c} at t={t}" for c in ("red", "blue") for t in NOISE_LEVELS) + " |",
+                  "|---|" + "---|" * (2 * len(NOISE_LEVELS))]
         for direction, entry in report[name].items():
-            lines.append(f"| {direction} | {1000 * entry['noising']['red']:+.2f} | {1000 * entry['noising']['blue']:+.2f} |")
+            lines.append(f"| {direction} | " + " | ".join(f"{1000 * entry['noising'][c][t]:+.2f}" for c in ("red", "blue")
+                                                          for t in NOISE_LEVELS) + " |")
         lines.append("")
     (results / f"why{suffix}.md").write_text("\n".join(lines) + "\n")
     (results / f"why{suffix}.json").write_text(json.dumps(report, indent=1))

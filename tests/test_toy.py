@@ -93,10 +93,9 @@ def test_alignment_study_quick_run_writes_its_outputs(tmp_path):
                "diffusion_dpo", "--work_dir", str(tmp_path / "work"), "--results_dir", str(results)]
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
     numbers = json.loads((results / "alignment_quick.json").read_text())
-    assert set(numbers["rows"]) == {"inversion_dpo_x0, official weights", "diffusion_dpo",
-                                    "inversion_dpo_x0, official weights, 1 loss step per pair"}
+    assert set(numbers["rows"]) == {"inversion_dpo_x0, official weights", "diffusion_dpo"}
     for row in numbers["rows"].values():
-        for task in ("colour", "warmcool"):
+        for task in ("colour",):  # the smoke run's one task
             summary = row[task]
             # the effect is the 'for' rate minus the 'against' rate, seed by seed
             assert summary["effects"] == pytest.approx([f - a for f, a in zip(summary["rate_for"],

@@ -277,7 +277,7 @@ def test_sdxl_sh_runs_the_released_recipe_with_overrides(tiny_sdxl_path, pairs_d
     config = json.loads((tmp_path / "training_config.json").read_text())
     expected = dict(mixed_precision="bf16", use_adafactor=True, scale_lr=True, gradient_checkpointing=True,
                     beta_dpo=2000.0, inversion_guidance_scale=2.0, lr_scheduler="constant_with_warmup",
-                    checkpointing_steps=200, loss_type="inversion_dpo", sdxl=True, learning_rate=1e-5,
+                    checkpointing_steps=200, loss_type="inversion_dpo_x0", sdxl=True, learning_rate=1e-5,
                     num_inference_steps=3, resolution=64)
     assert {key: config[key] for key in expected} == expected
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
