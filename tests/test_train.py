@@ -148,7 +148,8 @@ def test_lora_trains_adapters_only_and_saves_a_loadable_file(tiny_sdxl_path, pai
 
 
 def test_lora_with_the_paper_form_is_stuck_at_zero_and_says_so(tiny_sdxl_path, pairs_dir, tmp_path):
-    result = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--use_lora", "--max_train_steps", "1"))
+    result = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--loss_type", "inversion_dpo", "--use_lora",
+                                    "--max_train_steps", "1"))
     assert "a LoRA adapter that starts at zero" in result.stderr
     state = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
     assert all(value.abs().sum() == 0 for key, value in state.items() if "lora_B" in key)
