@@ -199,7 +199,7 @@ def interval(values):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def measure(run_dir, keys, quick, work):
+def measure(run_dir, keys, work):
     import torch
 
     import toy_task
@@ -396,7 +396,7 @@ def main():
     args, rest = parser.parse_known_args()
     work = Path(args.work_dir or f"/tmp/inversion-dpo-alignment{'-quick' if args.quick else ''}")
     if args.measure:
-        return measure(args.measure, rest, args.quick, work)
+        return measure(args.measure, rest, work)
     from train_inversion_dpo import quiet_startup_warnings
 
     quiet_startup_warnings()
