@@ -1,4 +1,4 @@
-"""DDIM inversion by a frozen reference UNet, and the conditioning it runs on.
+"""Inversion by a frozen reference model (DDIM for UNets, Euler for rectified flows), and the conditioning it runs on.
 
 Pure tensor code (no accelerate, no argparse, no file I/O). The maths follows the project's method spec:
 
@@ -9,6 +9,9 @@ Pure tensor code (no accelerate, no argparse, no file I/O). The maths follows th
   upward with e_i = eps~_ref(x_{i-1}, tau_i); the same function run downward with the stored e_i returns x_{i-1}.
 * eps~(x, t) = e_u + g * (e_c - e_u) is the guided prediction (`guided_noise_prediction`); g = 1 runs the
   conditional half alone.
+* Rectified flows (SD3, FLUX; METHOD.md section 7): `FlowSchedule` holds the model's own sampling sigmas run
+  upward from 0, inversion steps are Euler steps along the reference's velocity, and `model_prediction` calls each
+  network (UNet, SD3 transformer, FLUX transformer) as its pipeline does, so the same trajectory code serves all.
 
 Shapes: a batch of B images; latents (B, C, H, W); a trajectory holds x_0..x_N as (B, N+1, C, H, W).
 All timestep maths runs in float32 whatever dtype the UNet computes in.
@@ -27,18 +30,27 @@ from diffusers import DDIMInverseScheduler
 
 @dataclass
 class Conditioning:
-    """What a UNet is conditioned on, one row per sample.
+    """What a denoiser is conditioned on, one row per sample.
 
-    prompt_embeds: (B, L, D) text encoder states. For SDXL, both encoders' penultimate states concatenated.
-    pooled_prompt_embeds: (B, P) SDXL only: the projected pooled output of text encoder 2.
+    prompt_embeds: (B, L, D) text states: SD1.x/2.x its encoder's last; SDXL both encoders' penultimate, concatenated;
+        SD3 the two CLIP encoders' penultimate (concatenated, zero-padded to T5's width) followed by T5's; FLUX T5's.
+    pooled_prompt_embeds: (B, P) SDXL: the projected pooled output of text encoder 2; SD3: both CLIP projections
+        concatenated; FLUX: CLIP's pooled output.
     time_ids: (B, 6) SDXL only: original (h, w), crop (top, left), target (h, w).
+    kind: the network it feeds, one of KINDS: "unet" (SD1.x/2.x, SDXL), "sd3" (SD3Transformer2DModel) or "flux"
+        (FluxTransformer2DModel); `model_prediction` calls each as its pipeline does.
     """
 
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    kind: str = "unet"
+
+    KINDS = ("unet", "sd3", "flux")
 
     def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise ValueError(f"unknown conditioning kind {self.kind!r}; choose one of {', '.join(self.KINDS)}")
         batch = self.prompt_embeds.shape[0]
         for name in ("pooled_prompt_embeds", "time_ids"):
             value = getattr(self, name)
@@ -47,14 +59,16 @@ class Conditioning:
                     f"Conditioning.{name} has batch size {value.shape[0]} but prompt_embeds has {batch}; "
                     "every field needs one row per sample"
                 )
-        if (self.pooled_prompt_embeds is None) != (self.time_ids is None):
+        if self.kind == "unet" and (self.pooled_prompt_embeds is None) != (self.time_ids is None):
             raise ValueError("SDXL conditioning needs both pooled_prompt_embeds and time_ids (or neither for SD1.x/2.x)")
+        if self.kind != "unet" and (self.pooled_prompt_embeds is None or self.time_ids is not None):
+            raise ValueError(f"{self.kind} conditioning needs pooled_prompt_embeds and no time_ids")
 
     def __len__(self):
         return self.prompt_embeds.shape[0]
 
     def _map(self, fn):
-        return Conditioning(*(None if t is None else fn(t) for t in self._fields()))
+        return Conditioning(*(None if t is None else fn(t) for t in self._fields()), kind=self.kind)
 
     def _fields(self):
         return (self.prompt_embeds, self.pooled_prompt_embeds, self.time_ids)
@@ -73,7 +87,7 @@ class Conditioning:
     @staticmethod
     def cat(parts):
         fields = list(zip(*(part._fields() for part in parts)))
-        return Conditioning(*(None if field[0] is None else torch.cat(field) for field in fields))
+        return Conditioning(*(None if field[0] is None else torch.cat(field) for field in fields), kind=parts[0].kind)
 
     def unet_kwargs(self, dtype):
         """Keyword arguments for `UNet2DConditionModel.forward`, cast to the UNet's dtype."""
@@ -178,37 +192,184 @@ class PromptEncoder:
         return Conditioning(prompt_embeds.expand(batch, -1, -1), pooled, cond.time_ids)
 
 
+def _padded_ids(tokenizer, captions, max_length, device):
+    return tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def _check_captions(captions):
+    if isinstance(captions, str):
+        raise ValueError("captions must be a list of strings, one per sample, not a single string")
+
+
+class SD3PromptEncoder:
+    """Captions -> `Conditioning` as `StableDiffusion3Pipeline.encode_prompt` builds it: both CLIP encoders'
+    penultimate states, concatenated and zero-padded to T5's width, followed by T5's last states
+    (`max_sequence_length` tokens; zeros of the transformer's joint_attention_dim when the model has no T5, as
+    diffusers does); pooled = both CLIP projections concatenated. Unconditional: the empty caption, encoded the same
+    way (the pipeline's default negative prompt)."""
+
+    kind = "sd3"
+
+    def __init__(self, tokenizers, text_encoders, max_sequence_length, joint_attention_dim):
+        if len(tokenizers) != 3 or len(text_encoders) != 3 or text_encoders[0] is None or text_encoders[1] is None:
+            raise ValueError("SD3 conditioning needs three tokenizer/text-encoder slots: two CLIP encoders and T5 "
+                             "(T5 may be None)")
+        self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
+        self.max_sequence_length, self.joint_attention_dim = max_sequence_length, joint_attention_dim
+
+    @property
+    def device(self):
+        return self.text_encoders[0].device
+
+    @torch.no_grad()
+    def _embed(self, captions):
+        states, pooled = [], []
+        for tokenizer, encoder in zip(self.tokenizers[:2], self.text_encoders[:2]):
+            output = encoder(_padded_ids(tokenizer, captions, tokenizer.model_max_length, self.device),
+                             output_hidden_states=True)
+            states.append(output.hidden_states[-2].float())
+            pooled.append(output.text_embeds.float())
+        clip = torch.cat(states, dim=-1)
+        t5_tokenizer, t5 = self.tokenizers[2], self.text_encoders[2]
+        if t5 is None:
+            t5_states = torch.zeros(len(captions), self.max_sequence_length, self.joint_attention_dim,
+                                    device=self.device)
+        else:
+            t5_states = t5(_padded_ids(t5_tokenizer, captions, self.max_sequence_length, self.device))[0].float()
+        if clip.shape[-1] > t5_states.shape[-1]:
+            raise ValueError(f"the CLIP states ({clip.shape[-1]} wide) are wider than T5's ({t5_states.shape[-1]})")
+        clip = torch.nn.functional.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5_states], dim=-2), torch.cat(pooled, dim=-1)
+
+    def encode(self, captions, *unused_sizes):
+        """Conditioning for `captions` (a list of B strings); SDXL's size arguments are accepted and unused."""
+        _check_captions(captions)
+        return Conditioning(*self._embed(captions), kind=self.kind)
+
+    def unconditional(self, cond):
+        prompt_embeds, pooled = self._embed([""])
+        batch = len(cond)
+        return Conditioning(prompt_embeds.expand(batch, -1, -1), pooled.expand(batch, -1), kind=self.kind)
+
+
+class FluxPromptEncoder:
+    """Captions -> `Conditioning` as `FluxPipeline.encode_prompt` builds it: T5's last states
+    (`max_sequence_length` tokens) and CLIP's pooled output. FLUX.1-dev takes guidance as an input embedding, so
+    there is no unconditional branch: `unconditional` returns None."""
+
+    kind = "flux"
+
+    def __init__(self, tokenizers, text_encoders, max_sequence_length):
+        if len(tokenizers) != 2 or len(text_encoders) != 2:
+            raise ValueError("FLUX conditioning needs two tokenizer/text-encoder pairs: CLIP and T5")
+        self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
+        self.max_sequence_length = max_sequence_length
+
+    @property
+    def device(self):
+        return self.text_encoders[0].device
+
+    @torch.no_grad()
+    def encode(self, captions, *unused_sizes):
+        """Conditioning for `captions` (a list of B strings); SDXL's size arguments are accepted and unused."""
+        _check_captions(captions)
+        (clip_tokenizer, t5_tokenizer), (clip, t5) = self.tokenizers, self.text_encoders
+        pooled = clip(_padded_ids(clip_tokenizer, captions, clip_tokenizer.model_max_length, self.device),
+                      output_hidden_states=False).pooler_output.float()
+        states = t5(_padded_ids(t5_tokenizer, captions, self.max_sequence_length, self.device))[0].float()
+        return Conditioning(states, pooled, kind=self.kind)
+
+    def unconditional(self, cond):
+        return None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Noise prediction
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(unet):
-    return next(unet.parameters()).dtype
+def _compute_dtype(model):
+    return next(model.parameters()).dtype
 
 
-def guided_noise_prediction(unet, latents, timesteps, cond, uncond, guidance_scale):
-    """eps~(x, t) = e_u + g * (e_c - e_u) as float32, with both halves in one UNet call; g = 1 runs only e_c.
+def pack_latents(latents):
+    """FLUX's packing of (B, C, H, W) latents into (B, H/2 * W/2, 4C) tokens of 2x2 patches (FluxPipeline's
+    `_pack_latents`). A permutation: errors and Euler steps are the same in either layout."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX packs 2x2 latent patches; latent size {h}x{w} must be even (resolution a multiple of 16)")
+    return latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
+def unpack_latents(tokens, height, width):
+    """The inverse of `pack_latents`: (B, H/2 * W/2, 4C) -> (B, C, H, W) for latent size `height` x `width`."""
+    b, _, channels = tokens.shape
+    tokens = tokens.reshape(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return tokens.reshape(b, channels // 4, height, width)
+
+
+def flux_image_ids(height, width, device):
+    """(H/2 * W/2, 3) position ids of the packed latent tokens: (0, row, column), as FluxPipeline makes them."""
+    ids = torch.zeros(height // 2, width // 2, 3, device=device)
+    ids[..., 1] = torch.arange(height // 2, device=device)[:, None]
+    ids[..., 2] = torch.arange(width // 2, device=device)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def model_prediction(model, latents, timesteps, cond, guidance=None):
+    """One call of the denoiser as its pipeline makes it, float32 out, latents (B, C, H, W) in and out.
+
+    timesteps (B,): the pipeline's timestep values (DDPM t; for flows sigma * num_train_timesteps). UNet: eps.
+    SD3: velocity. FLUX: velocity, latents packed and ids built as FluxPipeline does, the timestep passed as
+    t / 1000, and `guidance` (a float) as its guidance embedding when the model has one."""
+    dtype = _compute_dtype(model)
+    if cond.kind == "unet":
+        return model(latents.to(dtype), timesteps, **cond.unet_kwargs(dtype)).sample.float()
+    if cond.kind == "sd3":
+        return model(hidden_states=latents.to(dtype), timestep=timesteps, encoder_hidden_states=cond.prompt_embeds.to(dtype),
+                     pooled_projections=cond.pooled_prompt_embeds.to(dtype)).sample.float()
+    height, width = latents.shape[-2:]
+    batch = latents.shape[0]
+    guidance_input = None
+    if guidance is not None and getattr(_unwrapped(model).config, "guidance_embeds", False):
+        guidance_input = torch.full((batch,), float(guidance), device=latents.device, dtype=torch.float32)
+    output = model(hidden_states=pack_latents(latents).to(dtype), timestep=(timesteps / 1000).to(dtype),
+                   guidance=guidance_input, pooled_projections=cond.pooled_prompt_embeds.to(dtype),
+                   encoder_hidden_states=cond.prompt_embeds.to(dtype),
+                   txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3, device=latents.device, dtype=dtype),
+                   img_ids=flux_image_ids(height, width, latents.device).to(dtype)).sample
+    return unpack_latents(output.float(), height, width)
+
+
+def _unwrapped(model):
+    """The module inside a DDP wrapper (its config holds the model's settings)."""
+    return getattr(model, "module", model)
+
+
+def guided_noise_prediction(model, latents, timesteps, cond, uncond, guidance_scale):
+    """The guided prediction e_u + g * (e_c - e_u) as float32 (a noise for UNets, a velocity for flows), with both
+    halves in one call; g = 1 runs only the conditional half. FLUX conditioning takes g as the model's guidance
+    embedding instead, in one conditional call (uncond unused).
 
     latents: (B, C, H, W); timesteps: a scalar or (B,) tensor; cond, uncond: `Conditioning` of batch B
-    (uncond is unused, and may be None, when g = 1).
+    (uncond is unused, and may be None, when g = 1 or for FLUX).
     """
     batch = latents.shape[0]
     if len(cond) != batch:
         raise ValueError(f"latents have batch size {batch} but the conditioning has {len(cond)}; give one per sample")
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(batch)
-    dtype = _compute_dtype(unet)
     # One memory layout for every call: convolution kernels round differently on strided or channels-last inputs,
     # and the policy must see bit-for-bit the inputs the reference saw during inversion.
     latents = latents.contiguous()
+    if cond.kind == "flux":
+        return model_prediction(model, latents, timesteps, cond, guidance=guidance_scale)
     if guidance_scale == 1:
-        return unet(latents.to(dtype), timesteps, **cond.unet_kwargs(dtype)).sample.float()
+        return model_prediction(model, latents, timesteps, cond)
     if uncond is None or len(uncond) != batch:
         raise ValueError(f"guidance scale {guidance_scale} needs unconditional conditioning of batch size {batch}")
     both = Conditioning.cat([uncond, cond])
-    prediction = unet(
-        torch.cat([latents, latents]).to(dtype), torch.cat([timesteps, timesteps]), **both.unet_kwargs(dtype)
-    ).sample.float()
+    prediction = model_prediction(model, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both)
     uncond_pred, cond_pred = prediction.chunk(2)
     return uncond_pred + guidance_scale * (cond_pred - uncond_pred)
 
@@ -265,6 +426,15 @@ class InversionSchedule:
         alphas = torch.cat([torch.as_tensor(start, dtype=torch.float32).reshape(1), alphas_cumprod[timesteps]])
         return cls(timesteps=timesteps, alphas=alphas)
 
+    def step(self, latents, noise, i):
+        """Inversion step i + 1 (0-based i): x_{i+1} = ddim_step(x_i, e_{i+1}, a(tau_i), a(tau_{i+1}))."""
+        alphas = self.alphas.to(latents.device)
+        return ddim_step(latents, noise, alphas[i], alphas[i + 1])
+
+    def anchored_target(self, points):
+        """The anchored form's targets for trajectory points (B, N+1, ...): `anchored_noise`."""
+        return anchored_noise(points, self.alphas)
+
 
 def training_alphas(scheduler_config):
     """a(t) for every training timestep t = 0..T-1 of the model's noise schedule, (T,) float32."""
@@ -313,23 +483,33 @@ def anchored_noise(latents, alphas):
 
 @dataclass
 class Trajectory:
-    """The DDIM inversion path of B images under the reference model.
+    """The inversion path of B images under the reference model (DDIM, or Euler for flows).
 
     latents: (B, N+1, C, H, W) float32, x_0..x_N.
-    noise: (B, N, C, H, W) float32, e_i = eps~_ref(x_{i-1}, tau_i) for i = 1..N.
-    timesteps: (N,) tau_1..tau_N.  alphas: (N+1,) a(tau_0)..a(tau_N).
-    noise_at_end: (B, N, C, H, W) float32 or None, eps~_ref(x_i, tau_i): the reference term of the exact form.
+    noise: (B, N, C, H, W) float32, the reference's guided prediction at x_{i-1} for i = 1..N: the noise e_i (DDIM)
+        or the velocity v_i (flows) that step i moved along.
+    schedule: the `InversionSchedule` or `FlowSchedule` it was inverted on.
+    noise_at_end: (B, N, C, H, W) float32 or None, the reference's prediction at x_i: the reference term of the exact
+        and anchored forms.
     """
 
     latents: torch.Tensor
     noise: torch.Tensor
-    timesteps: torch.Tensor
-    alphas: torch.Tensor
+    schedule: "InversionSchedule | FlowSchedule"
     noise_at_end: torch.Tensor | None = None
 
     @property
     def num_steps(self):
         return self.noise.shape[1]
+
+    @property
+    def timesteps(self):
+        """(N,) the model's timestep input at steps 1..N."""
+        return self.schedule.timesteps
+
+    def anchored_target(self):
+        """(B, N, ...) the anchored form's targets: eps^_i (DDIM) or v^_i (flows)."""
+        return self.schedule.anchored_target(self.latents)
 
     def __len__(self):
         return self.latents.shape[0]
@@ -377,30 +557,42 @@ def predict_on_trajectory(unet, trajectory, cond, uncond, guidance_scale, at="st
     return torch.cat(predictions, dim=1)
 
 
+def invert_path(predict, latents, schedule):
+    """The inversion loop: from x_0 (B, ...) up the schedule, one step along the model's own prediction each time:
+
+        e_i = predict(x_{i-1}, timesteps (B,) at step i);   x_i = schedule.step(x_{i-1}, e_i, i - 1)
+
+    (a DDIM step for an `InversionSchedule`, an Euler step for a `FlowSchedule`). Returns (points (B, N+1, ...)
+    x_0..x_N, predictions (B, N, ...) e_1..e_N), float32."""
+    x = latents.float()
+    points, predictions = [x], []
+    for i in range(schedule.num_steps):
+        timesteps = schedule.timesteps[i].expand(len(x)).to(x.device)
+        e = predict(x, timesteps).float()
+        x = schedule.step(x, e, i)
+        points.append(x)
+        predictions.append(e)
+    return torch.stack(points, 1), torch.stack(predictions, 1)
+
+
 @torch.no_grad()
-def ddim_invert(unet, latents, cond, uncond, schedule, guidance_scale, with_noise_at_end=False, chunk_size=None):
-    """Invert clean latents x_0 (B, C, H, W) to noise with the frozen `unet`, one DDIM step per schedule step:
+def invert(model, latents, cond, uncond, schedule, guidance_scale, with_noise_at_end=False, chunk_size=None):
+    """Invert clean latents x_0 (B, C, H, W) with the frozen `model` (`invert_path` along its guided prediction):
+    DDIM inversion on an `InversionSchedule`, Euler inversion of the flow on a `FlowSchedule`.
 
-        e_i = eps~(x_{i-1}, tau_i);   x_i = ddim_step(x_{i-1}, e_i, a(tau_{i-1}), a(tau_i))
-
-    `with_noise_at_end` also evaluates eps~(x_i, tau_i) for every i (N more calls, `chunk_size` steps per call), the
-    reference term of the exact form. Returns a `Trajectory`.
+    `with_noise_at_end` also evaluates the model at every x_i (N more calls, `chunk_size` steps per call), the
+    reference term of the exact and anchored forms. Returns a `Trajectory`.
     """
     if latents.ndim != 4:
         raise ValueError(f"latents must be (B, C, H, W), got shape {tuple(latents.shape)}")
-    x = latents.float()
-    points, noise = [x], []
-    timesteps = schedule.timesteps.to(latents.device)
-    alphas = schedule.alphas.to(latents.device)
-    for i in range(schedule.num_steps):
-        e = guided_noise_prediction(unet, x, timesteps[i], cond, uncond, guidance_scale)
-        x = ddim_step(x, e, alphas[i], alphas[i + 1])
-        points.append(x)
-        noise.append(e)
-    trajectory = Trajectory(torch.stack(points, 1), torch.stack(noise, 1), timesteps, alphas)
+
+    def predict(x, timesteps):
+        return guided_noise_prediction(model, x, timesteps, cond, uncond, guidance_scale)
+
+    trajectory = Trajectory(*invert_path(predict, latents, schedule), schedule)
     if with_noise_at_end:
         trajectory.noise_at_end = predict_on_trajectory(
-            unet, trajectory, cond, uncond, guidance_scale, at="end", chunk_size=chunk_size
+            model, trajectory, cond, uncond, guidance_scale, at="end", chunk_size=chunk_size
         )
     return trajectory
 
@@ -427,9 +619,10 @@ class FlowSchedule:
         return self.sigmas[1:] * self.num_train_timesteps
 
     @classmethod
-    def from_scheduler_config(cls, scheduler_config, num_steps, mu=None):
+    def from_scheduler_config(cls, scheduler_config, num_steps, mu=None, sampler_sigmas=None):
         """The model's own N sampling sigmas (its FlowMatchEulerDiscreteScheduler config: shift, or with dynamic
-        shifting the resolution-dependent `mu` the pipeline computes), run upward from 0."""
+        shifting the resolution-dependent `mu` the pipeline computes), run upward from 0. `sampler_sigmas`: the
+        unshifted sigmas the pipeline passes to `set_timesteps`, if it passes any (FluxPipeline does)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
@@ -438,37 +631,50 @@ class FlowSchedule:
                              "for the training resolution")
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"the number of inversion steps must be a positive integer, got {num_steps!r}")
-        scheduler.set_timesteps(num_steps, mu=mu)
+        if sampler_sigmas is not None:
+            scheduler.set_timesteps(sigmas=list(sampler_sigmas), mu=mu)
+        else:
+            scheduler.set_timesteps(num_steps, mu=mu)
         sigmas = scheduler.sigmas.float().flip(0)  # the sampler's sigmas end at 0; inversion starts there
         if sigmas[0] != 0 or not bool((sigmas[1:] > sigmas[:-1]).all()):
             raise ValueError(f"expected sigmas rising from 0, got {sigmas.tolist()}")
         return cls(sigmas=sigmas, num_train_timesteps=scheduler.config.num_train_timesteps)
+
+    @classmethod
+    def for_pipeline(cls, kind, scheduler_config, num_steps, latent_size):
+        """The schedule `StableDiffusion3Pipeline` ("sd3") or `FluxPipeline` ("flux") samples with at `num_steps`
+        steps, for square latents of side `latent_size`: FLUX passes sigmas linspace(1, 1/N, N) and, like SD3 with
+        dynamic shifting, shifts them by mu, linear in the number of image tokens (`flow_shift_mu`)."""
+        config = dict(scheduler_config)
+        tokens = (latent_size // 2) ** 2  # 2x2 patches: FLUX's packing, SD3's patch size
+        mu = flow_shift_mu(config, tokens) if config.get("use_dynamic_shifting") else None
+        sampler_sigmas = None
+        if kind == "flux" and not config.get("use_flow_sigmas"):
+            sampler_sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64).tolist()
+        return cls.from_scheduler_config(config, num_steps, mu=mu, sampler_sigmas=sampler_sigmas)
+
+    def step(self, latents, velocity, i):
+        """Inversion step i + 1 (0-based i): x_{i+1} = euler_step(x_i, v_{i+1}, sigma_i, sigma_{i+1})."""
+        return euler_step(latents, velocity, self.sigmas[i], self.sigmas[i + 1])
+
+    def anchored_target(self, points):
+        """The anchored form's targets for trajectory points (B, N+1, ...): `anchored_velocity`."""
+        return anchored_velocity(points, self.sigmas)
+
+
+def flow_shift_mu(scheduler_config, image_tokens):
+    """The pipelines' resolution-dependent shift (diffusers' `calculate_shift`): mu linear in the number of image
+    tokens, base_shift at base_image_seq_len and max_shift at max_image_seq_len."""
+    base_len, max_len = scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_tokens * slope + base_shift - slope * base_len
 
 
 def euler_step(latents, velocity, sigma_from, sigma_to):
     """x_to = x_from + (sigma_to - sigma_from) * v in float32: upward it is inversion step i (v = v_i); downward
     with the same v it is the sampler's Euler step, which lands exactly back on x_from."""
     return latents.float() + (float(sigma_to) - float(sigma_from)) * velocity.float()
-
-
-@torch.no_grad()
-def flow_invert(velocity, latents, schedule):
-    """Invert clean latents x_0 (B, ...) along the flow of the frozen reference, one Euler step per sigma:
-
-        v_i = velocity(x_{i-1}, sigma_i);   x_i = x_{i-1} + (sigma_i - sigma_{i-1}) v_i
-
-    `velocity(x, timesteps)` is the reference's (guided) velocity at model timesteps (B,) = sigma * T. Returns
-    (points (B, N+1, ...) x_0..x_N, velocities (B, N, ...) v_1..v_N), float32.
-    """
-    x = latents.float()
-    points, velocities = [x], []
-    for i in range(schedule.num_steps):
-        timesteps = schedule.timesteps[i].expand(len(x)).to(x.device)
-        v = velocity(x, timesteps).float()
-        x = euler_step(x, v, schedule.sigmas[i], schedule.sigmas[i + 1])
-        points.append(x)
-        velocities.append(v)
-    return torch.stack(points, 1), torch.stack(velocities, 1)
 
 
 def anchored_velocity(points, sigmas):
@@ -491,3 +697,32 @@ def flow_forward(latents, noise, sigmas):
 def logit_normal_sigmas(count, generator=None, mean=0.0, std=1.0):
     """`count` training noise levels from SD3's logit-normal density: sigma = sigmoid(n), n ~ N(mean, std^2)."""
     return torch.sigmoid(mean + std * torch.randn(count, generator=generator))
+
+
+def flow_training_sigmas(scheduler_config):
+    """(T,) the sigma of each training timestep index of a flow model's scheduler, as diffusers' SD3 and FLUX
+    training scripts read them (the static shift applied; none with dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config)).sigmas.float()
+
+
+def draw_training_levels(levels, count, flow, generator):
+    """`count` random training noise levels for the Diffusion-DPO and SFT baselines, and the model's timestep input
+    at each: DDPM t uniform over `levels` = `training_alphas` (returns a(t), t); flows an index from SD3's
+    logit-normal density into `levels` = `flow_training_sigmas`, as diffusers' scripts draw it (returns sigma,
+    sigma * T)."""
+    size = len(levels)
+    if flow:
+        index = (logit_normal_sigmas(count, generator) * size).long().clamp(max=size - 1)
+        return levels[index], levels[index] * size
+    timesteps = torch.randint(0, size, (count,), generator=generator)
+    return levels[timesteps], timesteps
+
+
+def training_noise(latents, noise, levels, flow):
+    """Noised latents and the training target at one level per row (B,): DDPM x_t = sqrt(a) x_0 + sqrt(1 - a) eps
+    with target eps; flows x = (1 - sigma) x_0 + sigma eps with target the velocity eps - x_0. float32."""
+    if flow:
+        return flow_forward(latents, noise, levels), noise.float() - latents.float()
+    return forward_noise(latents, noise, levels), noise.float()

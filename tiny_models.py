@@ -1,8 +1,9 @@
-"""Tiny SDXL- and SD1.x-shaped pipelines with random weights, built in code and saved in diffusers format.
+"""Tiny SDXL-, SD1.x-, SD3- and FLUX-shaped pipelines with random weights, built in code and saved in diffusers format.
 
-Tests, the demo and the benchmarks use them in place of the real checkpoints: the folders load with
-`StableDiffusionXLPipeline.from_pretrained` / `StableDiffusionPipeline.from_pretrained` and go through exactly the
-loading and training code the real models do, on a CPU, in seconds, with nothing downloaded.
+Tests, the demo and the benchmarks use them in place of the real checkpoints: the folders load with their pipelines'
+`from_pretrained` (`StableDiffusionXLPipeline`, `StableDiffusionPipeline`, `StableDiffusion3Pipeline`,
+`FluxPipeline`) and go through exactly the loading and training code the real models do, on a CPU, in seconds, with
+nothing downloaded. Tokenizers are written here: character-level CLIP BPE and T5 unigram vocabularies.
 
     python tiny_models.py sdxl /tmp/tiny-sdxl
 """
@@ -17,11 +18,24 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 # The noise schedule keys of SDXL base 1.0 and SD 1.5 (scaled_linear 0.00085..0.012, "leading" spacing,
 # steps_offset 1, no clipping, final alpha taken from a(0)).
@@ -37,7 +51,13 @@ SCHEDULER_CONFIG = {
     "timestep_spacing": "leading",
 }
 
+# The flow schedulers of SD3/SD3.5 (static shift 3) and FLUX.1-dev (shift with the image size).
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
+FLUX_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+                         "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+
 TEXT_WIDTH = 32  # hidden size of each tiny text encoder
+T5_WIDTH = 64  # hidden size of the tiny T5 (the transformers' joint_attention_dim)
 MAX_TOKENS = 16  # tokenizer length; the real CLIP uses 77
 
 
@@ -75,8 +95,21 @@ def _text_config(vocab_size, projection_dim=TEXT_WIDTH):
     )
 
 
-def _vae():
-    # Four blocks: three downsamplings, SDXL's 8x spatial factor, 4 latent channels.
+def _t5_tokenizer():
+    """A T5 unigram tokenizer over single characters, "▁" marking word starts, as T5's sentencepiece does."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(symbol, -1.0) for symbol in string.ascii_lowercase + string.digits + ".,!?'-"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def _t5(vocab_size):
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=T5_WIDTH, d_ff=64, d_kv=16, num_layers=1,
+                                   num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+
+
+def _vae(latent_channels=4, scaling_factor=0.13025, shift_factor=None):
+    # Four blocks: three downsamplings, the real models' 8x spatial factor; 4 latent channels (SD, SDXL) or 16 with
+    # a shift (SD3, FLUX).
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -84,10 +117,11 @@ def _vae():
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 16, 16, 16),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=64,
-        scaling_factor=0.13025,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     )
 
 
@@ -152,6 +186,49 @@ def build_tiny_sd(seed=0):
     )
 
 
+def build_tiny_sd3(seed=0):
+    """A StableDiffusion3Pipeline with SD3's structure: two CLIP encoders with projections, T5, a joint-attention
+    transformer over 2x2 patches of 16-channel latents (scaled and shifted), the shifted flow scheduler."""
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2, tokenizer_3 = _tokenizer("<|endoftext|>"), _tokenizer("!"), _t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_WIDTH, caption_projection_dim=32,
+        pooled_projection_dim=2 * TEXT_WIDTH, pos_embed_max_size=8)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
+        vae=_vae(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=CLIPTextModelWithProjection(_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(len(tokenizer_2))),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=_t5(len(tokenizer_3)),
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def build_tiny_flux(seed=0):
+    """A FluxPipeline with FLUX.1-dev's structure: CLIP (pooled) and T5, a transformer of double and single blocks
+    over packed 2x2 patches of 16-channel latents, rotary position ids, a guidance embedding, the resolution-shifted
+    flow scheduler."""
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = _tokenizer("<|endoftext|>"), _t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_WIDTH, pooled_projection_dim=TEXT_WIDTH, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6))
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        vae=_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer))),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5(len(tokenizer_2)),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
 def save_tiny_clip(folder, seed=0, projection_dim=TEXT_WIDTH):
     """A tiny CLIPModel (32 px images) and its processor, saved where `CLIPModel.from_pretrained` and
     `AutoProcessor.from_pretrained` find them: a stand-in for PickScore or CLIP scorers in tests."""
@@ -169,11 +246,11 @@ def save_tiny_clip(folder, seed=0, projection_dim=TEXT_WIDTH):
     return folder
 
 
-BUILDERS = {"sdxl": build_tiny_sdxl, "sd": build_tiny_sd}
+BUILDERS = {"sdxl": build_tiny_sdxl, "sd": build_tiny_sd, "sd3": build_tiny_sd3, "flux": build_tiny_flux}
 
 
 def save_tiny_pipeline(kind, folder, seed=0):
-    """Build the tiny `kind` ("sdxl" or "sd") pipeline and save it to `folder` in diffusers format."""
+    """Build the tiny `kind` ("sdxl", "sd", "sd3" or "flux") pipeline and save it to `folder` in diffusers format."""
     if kind not in BUILDERS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {sorted(BUILDERS)}")
     pipeline = BUILDERS[kind](seed=seed)

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Inversion-DPO training for SDXL and SD1.x/2.x.
+"""Inversion-DPO training for SDXL, SD1.x/2.x, SD3/SD3.5 and FLUX.1.
 
     accelerate launch train_inversion_dpo.py --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
         --dataset_name PATH_OR_HUB_ID --output_dir out [...]
 
-Per batch of (winner, loser, caption) pairs: encode captions and images (no gradient), DDIM-invert both images with
-the frozen reference UNet, evaluate the trained UNet along the two trajectories, take one of the losses in
-`losses.py`, step. The maths lives in `inversion.py` and `losses.py`, the data in `data.py`; this file wires them.
+Per batch of (winner, loser, caption) pairs: encode captions and images (no gradient), invert both images with the
+frozen reference model (DDIM for UNets, Euler steps of the flow for SD3 and FLUX transformers), evaluate the trained
+model along the two trajectories, take one of the losses in `losses.py`, step. The kind of model is read from the
+model folder itself. The maths lives in `inversion.py` and `losses.py`, the data in `data.py`; this file wires them.
 """
 
 import argparse
@@ -26,13 +27,18 @@ import torch
 import losses
 from inversion import (
     Conditioning,
+    FlowSchedule,
+    FluxPromptEncoder,
     InversionSchedule,
     PromptEncoder,
-    anchored_noise,
-    ddim_invert,
-    forward_noise,
+    SD3PromptEncoder,
+    invert,
+    model_prediction,
     predict_on_trajectory,
+    draw_training_levels,
+    flow_training_sigmas,
     training_alphas,
+    training_noise,
 )
 from trajectory_cache import TrajectoryCache, weights_fingerprint
 
@@ -44,6 +50,20 @@ DEFAULT_BETA = {"inversion_dpo": 2000.0, "inversion_dpo_official": 2000.0, "inve
 PAPER_FORMS = ("inversion_dpo", "inversion_dpo_official")
 AT_END_FORMS = ("inversion_dpo_exact", "inversion_dpo_x0")  # evaluated at x_i, with the reference's own term there
 NOISING_FORMS = ("diffusion_dpo", "sft")  # random noising of the clean latent, no inversion
+# Model kinds, read from the model folder: pipeline class, the denoiser's subfolder and class (all diffusers names).
+MODEL_KINDS = {
+    "sd": ("StableDiffusionPipeline", "unet", "UNet2DConditionModel"),
+    "sdxl": ("StableDiffusionXLPipeline", "unet", "UNet2DConditionModel"),
+    "sd3": ("StableDiffusion3Pipeline", "transformer", "SD3Transformer2DModel"),
+    "flux": ("FluxPipeline", "transformer", "FluxTransformer2DModel"),
+}
+FLOW_KINDS = ("sd3", "flux")  # rectified flows: Euler inversion, velocity targets (METHOD.md section 7)
+DEFAULT_LORA_TARGETS = {  # peft matches these names at the end of module paths
+    "unet": "to_k,to_q,to_v,to_out.0",
+    # every attention projection of the joint (image and text) blocks, as diffusers' SD3 and FLUX LoRA scripts
+    "transformer": "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out",
+}
+DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' defaults
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is ignored on resume
 MEMORY_FLAGS = ("--train_batch_size (lower, with more --gradient_accumulation_steps)", "--trajectory_chunk_size",
@@ -87,6 +107,12 @@ def parse_args(input_args=None):
     model.add_argument("--cache_dir_model", default=None, help="Hub cache for model files (default: --cache_dir).")
     model.add_argument("--sdxl", action="store_true",
                        help="Accepted for the released launcher; SDXL is detected from the model itself.")
+    model.add_argument("--max_sequence_length", type=int, default=None,
+                       help="SD3 and FLUX: T5 tokens per caption (default: the pipeline's, 256 for SD3, 512 for "
+                            "FLUX).")
+    model.add_argument("--no_t5", action="store_true",
+                       help="SD3: run without the T5 encoder (zeros in its place, as StableDiffusion3Pipeline with "
+                            "text_encoder_3=None): about 9 GB less memory.")
 
     data = parser.add_argument_group("data (see data.py)")
     data.add_argument("--dataset_name", default=None, help="Hub id, or a local file or folder of preference pairs.")
@@ -153,11 +179,12 @@ def parse_args(input_args=None):
                             "share), then exit.")
 
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the full UNet.")
+    lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the full model.")
     lora.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8).")
     lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     lora.add_argument("--lora_target_modules", default=None,
-                      help="Comma-separated module names (default to_k,to_q,to_v,to_out.0).")
+                      help="Comma-separated module names (default: UNets to_k,to_q,to_v,to_out.0; SD3 and FLUX "
+                           "also add_k_proj,add_q_proj,add_v_proj,to_add_out, the text stream of the joint blocks).")
 
     precision = parser.add_argument_group("precision and memory")
     precision.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
@@ -269,7 +296,8 @@ def validate_args(parser, args):
     if args.use_lora:
         args.rank = args.rank or 8
         args.lora_alpha = args.lora_alpha or args.rank
-        args.lora_target_modules = args.lora_target_modules or "to_k,to_q,to_v,to_out.0"
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        parser.error("--max_sequence_length must be at least 1")
     if args.report_to is None:
         args.report_to = "tensorboard" if _installed("tensorboard") else "none"
     args.cache_dir_model = args.cache_dir_model or args.cache_dir
@@ -286,31 +314,101 @@ def _installed(module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def diffusers_class(name):
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def detect_model_kind(args, source):
+    """"sd", "sdxl", "sd3" or "flux", read from the model folder: its pipeline index names the transformer of SD3
+    and FLUX; a UNet with SDXL's text_time embedding is SDXL, any other UNet SD1.x/2.x."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    path = args.pretrained_model_name_or_path
+    try:
+        index = DiffusionPipeline.load_config(path, **source)
+    except EnvironmentError:  # no model_index.json: a folder holding the UNet's subfolders only
+        index = {}
+    transformer = (index.get("transformer") or [None, None])[1]
+    if transformer is not None:
+        kinds = {model: kind for kind, (_, _, model) in MODEL_KINDS.items()}
+        if transformer not in kinds:
+            raise ValueError(f"{path} has a {transformer}; supported transformers are SD3Transformer2DModel (SD3, "
+                             "SD3.5) and FluxTransformer2DModel (FLUX.1)")
+        kind = kinds[transformer]
+    else:
+        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", **source)
+        kind = "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
+    if args.sdxl and kind != "sdxl":
+        raise ValueError(f"--sdxl was given but {path} is not an SDXL model (it is {kind})")
+    return kind
+
+
 def load_models(args):
-    """Tokenizers, text encoders, VAE, the policy UNet and the scheduler config (the reference: `load_reference`)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    """The model's kind, tokenizers, text encoders, VAE, the policy (its UNet or transformer: "denoiser") and the
+    scheduler config (the reference: `load_reference`)."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     source = dict(revision=args.revision, cache_dir=args.cache_dir_model)
     path = args.pretrained_model_name_or_path
-    unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", **source)
-    is_sdxl = unet_config.get("addition_embed_type") == "text_time"
-    if args.sdxl and not is_sdxl:
-        raise ValueError(f"--sdxl was given but {path} is not an SDXL model (its UNet has no text_time embedding)")
-    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **source)]
-    text_encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **source)]
-    if is_sdxl:
-        tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **source))
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
-            path, subfolder="text_encoder_2", variant=args.variant, **source))
+    kind = detect_model_kind(args, source)
+    if kind != "sd3" and args.no_t5:
+        raise ValueError(f"--no_t5 applies to SD3 models only; {path} is {kind}")
+    if kind not in FLOW_KINDS and args.max_sequence_length is not None:
+        raise ValueError(f"--max_sequence_length applies to SD3 and FLUX (T5) only; {path} is {kind}")
+    encoder_classes = {"sd": [CLIPTextModel], "sdxl": [CLIPTextModel, CLIPTextModelWithProjection],
+                       "sd3": [CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel],
+                       "flux": [CLIPTextModel, T5EncoderModel]}[kind]
+    tokenizers, text_encoders = [], []
+    for number, encoder_class in enumerate(encoder_classes, start=1):
+        suffix = "" if number == 1 else f"_{number}"
+        if encoder_class is T5EncoderModel and kind == "sd3" and args.no_t5:
+            tokenizers.append(None)
+            text_encoders.append(None)
+            continue
+        tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{suffix}", **source))
+        text_encoders.append(encoder_class.from_pretrained(path, subfolder=f"text_encoder{suffix}",
+                                                           variant=args.variant, **source))
     if args.pretrained_vae_model_name_or_path:
         vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir_model)
     else:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **source)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **source)
+    _, subfolder, model_class = MODEL_KINDS[kind]
+    denoiser = diffusers_class(model_class).from_pretrained(path, subfolder=subfolder, variant=args.variant, **source)
     scheduler_config = DDIMScheduler.load_config(path, subfolder="scheduler", **source)
-    return dict(tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet,
-                scheduler_config=scheduler_config, is_sdxl=is_sdxl)
+    return dict(kind=kind, tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, denoiser=denoiser,
+                scheduler_config=scheduler_config)
+
+
+def make_prompt_encoder(args, models):
+    """Captions -> conditioning, as the model's pipeline encodes them."""
+    kind = models["kind"]
+    length = args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(kind)
+    if kind == "sd3":
+        return SD3PromptEncoder(models["tokenizers"], models["text_encoders"], length,
+                                models["denoiser"].config.joint_attention_dim)
+    if kind == "flux":
+        return FluxPromptEncoder(models["tokenizers"], models["text_encoders"], length)
+    return PromptEncoder(models["tokenizers"], models["text_encoders"])
+
+
+def make_schedule(args, models, inversion_config):
+    """The inversion's N steps: DDIM timesteps from the scheduler config (UNets), or the flow pipeline's own sampling
+    sigmas at the training resolution, run upward (SD3, FLUX)."""
+    if models["kind"] in FLOW_KINDS:
+        vae_scale = 2 ** (len(models["vae"].config.block_out_channels) - 1)
+        return FlowSchedule.for_pipeline(models["kind"], inversion_config, args.num_inference_steps,
+                                         args.resolution // vae_scale)
+    return InversionSchedule.from_scheduler_config(inversion_config, args.num_inference_steps)
+
+
+def step_weights(schedule, weighting):
+    """w_i of each inversion step: DDPM's weighting, or for flows the same weight matched by SNR (losses.py)."""
+    if isinstance(schedule, FlowSchedule):
+        return losses.flow_timestep_weights(schedule.sigmas[1:], weighting)
+    return losses.timestep_weights(schedule.alphas[1:], weighting)
 
 
 def inversion_scheduler_config(args, scheduler_config):
@@ -322,14 +420,13 @@ def inversion_scheduler_config(args, scheduler_config):
     return config
 
 
-def load_reference(args, device, dtype):
-    """Full fine-tune: a second, frozen copy of the base UNet, kept on the device in the mixed-precision dtype."""
-    from diffusers import UNet2DConditionModel
-
-    logger.info("loading the reference UNet")
-    reference = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
-                                                     variant=args.variant, revision=args.revision,
-                                                     cache_dir=args.cache_dir_model)
+def load_reference(args, kind, device, dtype):
+    """Full fine-tune: a second, frozen copy of the base model, kept on the device in the mixed-precision dtype."""
+    _, subfolder, model_class = MODEL_KINDS[kind]
+    logger.info("loading the reference %s", subfolder)
+    reference = diffusers_class(model_class).from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder,
+                                                             variant=args.variant, revision=args.revision,
+                                                             cache_dir=args.cache_dir_model)
     reference.requires_grad_(False).eval().to(device, dtype=dtype)
     if args.enable_xformers_memory_efficient_attention:
         reference.enable_xformers_memory_efficient_attention()
@@ -421,16 +518,17 @@ def make_optimizer(args, params):
 
 @torch.no_grad()
 def encode_images(vae, pixel_values):
-    """VAE latents times the scaling factor. The posterior mean: a trajectory is a function of the image alone."""
+    """VAE latents as the pipelines make them: (z - shift_factor) * scaling_factor (SD3 and FLUX VAEs have a shift,
+    the others none). The posterior mean: a trajectory is a function of the image alone."""
     latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
-    return latents.float() * vae.config.scaling_factor
+    return (latents.float() - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
 
 
 def loss_targets(args, trajectories):
-    """(rows, N, C, H, W): what a prediction at each step is compared with: the stored e_i, or for the anchored form
-    eps^_i, x_i's noise relative to x_0."""
+    """(rows, N, C, H, W): what a prediction at each step is compared with: the stored e_i (v_i for flows), or for
+    the anchored form x_i's noise relative to x_0, eps^_i (its velocity v^_i for flows)."""
     if args.loss_type == "inversion_dpo_x0":
-        return anchored_noise(trajectories.latents, trajectories.alphas)
+        return trajectories.anchored_target()
     return trajectories.noise
 
 
@@ -488,28 +586,29 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
     return output
 
 
-def noising_loss(args, accelerator, policy, reference, latents_w, latents_l, cond, alphas_cumprod, generator):
-    """diffusion_dpo and sft: one random timestep per pair, the same noise for winner and loser."""
-    batch = latents_w.shape[0]
+def noising_loss(args, accelerator, policy, reference, latents_w, latents_l, cond, train_levels, generator):
+    """diffusion_dpo and sft: one random training noise level per pair (DDPM: t uniform; flows: the model's
+    logit-normal training density), the same noise for winner and loser; errors against eps (DDPM) or the velocity
+    eps - x_0 (flows). FLUX takes --inversion_guidance_scale as its guidance embedding here too."""
+    flow = cond.kind != "unet"
+    guidance = args.inversion_guidance_scale if cond.kind == "flux" else None
     device = latents_w.device
-    timesteps = torch.randint(0, len(alphas_cumprod), (batch,), generator=generator).to(device)
+    levels, timesteps = draw_training_levels(train_levels, latents_w.shape[0], flow, generator)
     noise = torch.randn(latents_w.shape, generator=generator).to(device)
-    alphas = alphas_cumprod.to(device)[timesteps]
-    dtype = next(policy.parameters()).dtype
+    levels, timesteps = levels.to(device), timesteps.to(device)
     if args.loss_type == "sft":
-        prediction = policy(forward_noise(latents_w, noise, alphas).to(dtype), timesteps, **cond.unet_kwargs(dtype))
-        output = losses.sft(losses.squared_error(prediction.sample, noise))
+        noisy, target = training_noise(latents_w, noise, levels, flow)
+        output = losses.sft(losses.squared_error(model_prediction(policy, noisy, timesteps, cond, guidance), target))
     else:
-        noisy = torch.cat([forward_noise(latents_w, noise, alphas), forward_noise(latents_l, noise, alphas)])
-        both = Conditioning.cat([cond, cond])
-        timesteps2 = timesteps.repeat(2)
-        policy_pred = policy(noisy.to(dtype), timesteps2, **both.unet_kwargs(dtype)).sample
+        noisy, target = training_noise(torch.cat([latents_w, latents_l]), noise.repeat(2, 1, 1, 1), levels.repeat(2),
+                                       flow)
+        both, timesteps2 = Conditioning.cat([cond, cond]), timesteps.repeat(2)
+        policy_pred = model_prediction(policy, noisy, timesteps2, both, guidance)
         with torch.no_grad():
             with reference.context():
-                ref_dtype = next(reference.model.parameters()).dtype
-                reference_pred = reference.model(noisy.to(ref_dtype), timesteps2, **both.unet_kwargs(ref_dtype)).sample
-        policy_w, policy_l = losses.squared_error(policy_pred, noise.repeat(2, 1, 1, 1)).chunk(2)
-        reference_w, reference_l = losses.squared_error(reference_pred, noise.repeat(2, 1, 1, 1)).chunk(2)
+                reference_pred = model_prediction(reference.model, noisy, timesteps2, both, guidance)
+        policy_w, policy_l = losses.squared_error(policy_pred, target).chunk(2)
+        reference_w, reference_l = losses.squared_error(reference_pred, target).chunk(2)
         output = losses.diffusion_dpo(policy_w, reference_w, policy_l, reference_l, args.beta_dpo)
     accelerator.backward(output.loss)  # accelerate divides by the accumulation steps
     return output
@@ -634,15 +733,16 @@ def save_checkpoint(accelerator, args, global_step):
     accelerator.wait_for_everyone()
 
 
-def register_model_hooks(accelerator, args, pipeline_class):
-    """Checkpoints hold the model in the format the notebook loads: unet/ (full) or the LoRA safetensors file."""
-    from diffusers import UNet2DConditionModel
+def register_model_hooks(accelerator, args, kind):
+    """Checkpoints hold the model in the format the notebook loads: unet/ or transformer/ (full), or the LoRA
+    safetensors file."""
+    pipeline_name, subfolder, model_name = MODEL_KINDS[kind]
 
     def save_model_hook(models, weights, output_dir):
         for model in models:
-            model = full_unet(accelerator, args, model)  # FSDP: every process joins in gathering the weights
+            model = full_model(accelerator, args, kind, model)  # FSDP: every process joins in gathering the weights
             if accelerator.is_main_process:
-                save_unet(model, args, pipeline_class, output_dir)
+                save_model(model, args, kind, output_dir)
             if weights:  # FSDP and DeepSpeed: accelerate saves the model in its own format and passes no weights
                 weights.pop()
 
@@ -653,13 +753,14 @@ def register_model_hooks(accelerator, args, pipeline_class):
         if args.use_lora:
             from peft import set_peft_model_state_dict
 
-            state = pipeline_class.lora_state_dict(input_dir)[0]
-            state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+            state = diffusers_class(pipeline_name).lora_state_dict(input_dir)
+            state = state[0] if isinstance(state, tuple) else state  # SD1.x/SDXL also return the alphas
+            state = {k.removeprefix(f"{subfolder}."): v for k, v in state.items() if k.startswith(f"{subfolder}.")}
             incompatible = set_peft_model_state_dict(model, state, adapter_name="default")
             if incompatible is not None and getattr(incompatible, "unexpected_keys", None):
                 raise ValueError(f"unexpected LoRA keys in {input_dir}: {incompatible.unexpected_keys[:5]}")
         else:
-            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            loaded = diffusers_class(model_name).from_pretrained(input_dir, subfolder=subfolder)
             model.load_state_dict(loaded.state_dict())
             del loaded
 
@@ -667,56 +768,60 @@ def register_model_hooks(accelerator, args, pipeline_class):
     accelerator.register_load_state_pre_hook(load_model_hook)
 
 
-def full_unet(accelerator, args, unet):
-    """The trained UNet as a plain module, for saving. Under FSDP each process holds a shard of every weight: every
-    process must call this, the main process gets a plain UNet holding the gathered weights, the others None."""
+def full_model(accelerator, args, kind, model):
+    """The trained model as a plain module, for saving. Under FSDP each process holds a shard of every weight: every
+    process must call this, the main process gets a plain module holding the gathered weights, the others None."""
     if not accelerator.is_fsdp2:
-        return accelerator.unwrap_model(unet)
+        return accelerator.unwrap_model(model)
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
-    state = accelerator.get_state_dict(unet)  # the full state dict on the main process, {} on the others
+    state = accelerator.get_state_dict(model)  # the full state dict on the main process, {} on the others
     if not accelerator.is_main_process:
         return None
     with init_empty_weights():
-        plain = UNet2DConditionModel.from_config(accelerator.unwrap_model(unet).config)
+        plain = diffusers_class(MODEL_KINDS[kind][2]).from_config(accelerator.unwrap_model(model).config)
         if args.use_lora:
             add_lora(plain, args)
     plain.load_state_dict(state, assign=True)
     return plain
 
 
-def save_unet(unet, args, pipeline_class, folder):
+def save_model(model, args, kind, folder):
+    """unet/ or transformer/ in diffusers format (full), or the pipeline's LoRA file (`pipe.load_lora_weights`)."""
+    pipeline_name, subfolder, _ = MODEL_KINDS[kind]
     if args.use_lora:
         from peft.utils import get_peft_model_state_dict
 
-        pipeline_class.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
-                                         safe_serialization=True)
+        diffusers_class(pipeline_name).save_lora_weights(
+            folder, **{f"{subfolder}_lora_layers": get_peft_model_state_dict(model)}, safe_serialization=True)
     else:
-        unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+        model.save_pretrained(os.path.join(folder, subfolder), safe_serialization=True)
 
 
-def build_pipeline(models, unet, pipeline_class, scheduler_config, dtype):
-    from diffusers import DDIMScheduler
+def build_pipeline(models, denoiser, scheduler_config):
+    """The model's own pipeline around `denoiser`, for validation images and --save_pipeline."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    parts = dict(vae=models["vae"], unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config),
-                 text_encoder=models["text_encoders"][0], tokenizer=models["tokenizers"][0])
-    if models["is_sdxl"]:
-        parts.update(text_encoder_2=models["text_encoders"][1], tokenizer_2=models["tokenizers"][1])
-    else:
+    kind = models["kind"]
+    pipeline_name, subfolder, _ = MODEL_KINDS[kind]
+    scheduler_class = FlowMatchEulerDiscreteScheduler if kind in FLOW_KINDS else DDIMScheduler
+    parts = {subfolder: denoiser, "vae": models["vae"], "scheduler": scheduler_class.from_config(scheduler_config)}
+    for number, (tokenizer, encoder) in enumerate(zip(models["tokenizers"], models["text_encoders"]), start=1):
+        suffix = "" if number == 1 else f"_{number}"
+        parts.update({f"tokenizer{suffix}": tokenizer, f"text_encoder{suffix}": encoder})
+    if kind == "sd":
         parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline = pipeline_class(**parts)
+    pipeline = diffusers_class(pipeline_name)(**parts)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
 @torch.no_grad()
-def log_validation(accelerator, args, models, unet, pipeline_class, weight_dtype, global_step):
+def log_validation(accelerator, args, models, denoiser, weight_dtype, global_step):
     """Images for --validation_prompts x --validation_seeds, as one PNG grid and in the trackers."""
     from diffusers.utils import make_image_grid
 
-    pipeline = build_pipeline(models, accelerator.unwrap_model(unet), pipeline_class, models["scheduler_config"],
-                              weight_dtype)
+    pipeline = build_pipeline(models, accelerator.unwrap_model(denoiser), models["scheduler_config"])
     autocast = torch.autocast(accelerator.device.type, dtype=weight_dtype) if weight_dtype != torch.float32 \
         else contextlib.nullcontext()
     images = []
@@ -835,7 +940,6 @@ def main(args):
     quiet_startup_warnings()
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
@@ -881,47 +985,60 @@ def main(args):
     bad_rows = BadRowTracker(args.max_bad_fraction)
 
     # 3. Models: frozen encoders, the policy, the frozen reference, all on the device.
-    models = load_models(args)
-    pipeline_class = StableDiffusionXLPipeline if models["is_sdxl"] else StableDiffusionPipeline
+    try:
+        models = load_models(args)
+    except ValueError as error:  # an unsupported model or a flag that does not apply to it
+        raise SystemExit(f"error: {error}") from None
+    kind = models["kind"]
+    if kind in FLOW_KINDS and args.inversion_steps_offset is not None:
+        raise SystemExit(f"error: --inversion_steps_offset sets a DDIM schedule; {kind} inverts on its own flow sigmas")
+    if args.use_lora and args.lora_target_modules is None:
+        args.lora_target_modules = DEFAULT_LORA_TARGETS[MODEL_KINDS[kind][1]]
+    if accelerator.is_main_process:
+        (output_dir / "training_config.json").write_text(json.dumps({**vars(args), "model_kind": kind}, indent=2))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
-    unet = models["unet"]
-    for module in (*models["text_encoders"], models["vae"]):
+    denoiser = models["denoiser"]
+    text_encoders = [encoder for encoder in models["text_encoders"] if encoder is not None]
+    for module in (*text_encoders, models["vae"]):
         module.requires_grad_(False).eval()
     models["vae"].to(accelerator.device, dtype=vae_dtype)
-    for encoder in models["text_encoders"]:
+    for encoder in text_encoders:
         encoder.to(accelerator.device, dtype=weight_dtype)
     inversion_config = inversion_scheduler_config(args, models["scheduler_config"])
+    schedule = make_schedule(args, models, inversion_config)
     cache = None
     if args.inversion_cache_dir:
-        # The reference is the base UNet as loaded, computing in weight_dtype: fingerprint it before any training.
+        # The reference is the base model as loaded, computing in weight_dtype: fingerprint it before any training.
         settings = dict(num_steps=args.num_inference_steps, guidance=args.inversion_guidance_scale,
                         scheduler={k: v for k, v in inversion_config.items() if not k.startswith("_")},
-                        zero_unconditional=models["is_sdxl"])
-        cache = TrajectoryCache(args.inversion_cache_dir, weights_fingerprint(unet, weight_dtype), settings,
+                        zero_unconditional=kind == "sdxl")
+        if kind in FLOW_KINDS:
+            settings.update(kind=kind, sigmas=schedule.sigmas.tolist())
+        cache = TrajectoryCache(args.inversion_cache_dir, weights_fingerprint(denoiser, weight_dtype), settings,
                                 args.inversion_cache_dtype)
         if args.random_crop:
             logger.warning("--random_crop with --inversion_cache_dir: every new crop is a new cache entry")
     if args.use_lora:
-        unet.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
-        add_lora(unet, args)
-        cast_training_params(unet, dtype=torch.float32)
+        denoiser.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+        add_lora(denoiser, args)
+        cast_training_params(denoiser, dtype=torch.float32)
     else:
-        unet.to(accelerator.device)
+        denoiser.to(accelerator.device)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    compile_unet(unet, args)  # for LoRA, the reference too: the same module with its adapters off
-    prompt_encoder = PromptEncoder(models["tokenizers"], models["text_encoders"])
-    schedule = InversionSchedule.from_scheduler_config(inversion_config, args.num_inference_steps)
-    weights = losses.timestep_weights(schedule.alphas[1:], args.timestep_weighting).to(accelerator.device)
-    train_alphas = training_alphas(models["scheduler_config"])
+        denoiser.enable_xformers_memory_efficient_attention()
+    compile_unet(denoiser, args)  # for LoRA, the reference too: the same module with its adapters off
+    prompt_encoder = make_prompt_encoder(args, models)
+    weights = step_weights(schedule, args.timestep_weighting).to(accelerator.device)
+    # The noise levels of training timesteps, for diffusion_dpo and sft: a(t) (DDPM), or sigma (flows).
+    train_levels = (flow_training_sigmas if kind in FLOW_KINDS else training_alphas)(models["scheduler_config"])
 
     # 4. Optimiser, learning-rate schedule, accelerate.
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = make_optimizer(args, params)
     steps_per_epoch = None
     if not args.streaming:
@@ -933,21 +1050,21 @@ def main(args):
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
+    denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, train_dataloader,
                                                                           lr_scheduler)
-    params = list(unet.parameters())  # FSDP replaces the parameters with shards; clipping skips those without grad
+    params = list(denoiser.parameters())  # FSDP replaces the parameters with shards; clipping skips those without grad
     if steps_per_epoch is not None:
         steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
         num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     else:
         num_epochs = 1
-    register_model_hooks(accelerator, args, pipeline_class)
+    register_model_hooks(accelerator, args, kind)
     # The reference: a separate frozen UNet (loaded now unless a trajectory cache may make it unnecessary), or for
     # LoRA the policy's base weights with the adapters off. It stays on the device: no offloading per call.
     if args.use_lora:
-        reference = Reference(lora_unet=accelerator.unwrap_model(unet))
+        reference = Reference(lora_unet=accelerator.unwrap_model(denoiser))
     else:
-        reference = Reference(load=lambda: load_reference(args, accelerator.device, weight_dtype))
+        reference = Reference(load=lambda: load_reference(args, kind, accelerator.device, weight_dtype))
         if cache is None and args.loss_type != "sft":
             reference.load()  # now: a reference that cannot load fails before any training
     if args.fill_inversion_cache:
@@ -994,7 +1111,7 @@ def main(args):
     zero_gradient_warned = False
     saturation = SaturationWatch()
     started = time.perf_counter()
-    unet.train()
+    denoiser.train()
     try:
         for epoch in range(first_epoch, num_epochs):
             if hasattr(train_dataloader, "set_epoch"):
@@ -1011,9 +1128,9 @@ def main(args):
                 # Random draws are a function of the run's position, not of RNG history: a resumed run repeats them.
                 position = (args.seed, global_step, len(step_metrics), accelerator.process_index)
                 generator = torch.Generator().manual_seed(hash(position) & (2**63 - 1))
-                with accelerator.accumulate(unet):
-                    output = training_step(args, accelerator, unet, reference, prompt_encoder, models["vae"], batch,
-                                           schedule, weights, train_alphas, generator, cache)
+                with accelerator.accumulate(denoiser):
+                    output = training_step(args, accelerator, denoiser, reference, prompt_encoder, models["vae"], batch,
+                                           schedule, weights, train_levels, generator, cache)
                     step_metrics.append(output.metrics)
                     step_rows += batch["row_ids"].tolist()
                     if accelerator.sync_gradients:
@@ -1061,7 +1178,7 @@ def main(args):
                     save_checkpoint(accelerator, args, global_step)
                 if args.validation_prompts and global_step % args.validation_steps == 0 and (
                         accelerator.is_main_process or accelerator.is_fsdp2):  # FSDP: each process has a shard
-                    log_validation(accelerator, args, models, unet, pipeline_class, weight_dtype, global_step)
+                    log_validation(accelerator, args, models, denoiser, weight_dtype, global_step)
                 if global_step >= args.max_train_steps:
                     break
             if global_step >= args.max_train_steps:
@@ -1072,13 +1189,13 @@ def main(args):
 
     # 7. Save the result where the notebook and `from_pretrained` look for it.
     require_finite_weights(accelerator, params, global_step, "final model")
-    final_unet = full_unet(accelerator, args, unet)  # FSDP: every process joins in gathering the weights
+    final_model = full_model(accelerator, args, kind, denoiser)  # FSDP: every process joins in gathering weights
     if accelerator.is_main_process:
-        save_unet(final_unet, args, pipeline_class, str(output_dir))
+        save_model(final_model, args, kind, str(output_dir))
         if args.save_pipeline:
             if args.use_lora:
-                final_unet = final_unet.merge_adapter() or final_unet
-            build_pipeline(models, final_unet, pipeline_class, models["scheduler_config"], weight_dtype) \
+                final_model = final_model.merge_adapter() or final_model
+            build_pipeline(models, final_model, models["scheduler_config"]) \
                 .save_pretrained(output_dir)
         logger.info("training finished after %d steps; output in %s", global_step, output_dir)
     end_processes(accelerator)
@@ -1091,8 +1208,11 @@ def image_conditioning(args, prompt_encoder, batch, image):
 
 
 def pair_conditioning(args, prompt_encoder, batch):
-    """Winner rows then loser rows: they share the caption, their time_ids (original size, crop) can differ."""
-    cond = Conditioning.cat([image_conditioning(args, prompt_encoder, batch, image) for image in ("w", "l")])
+    """Winner rows then loser rows: they share the caption; SDXL's time_ids (original size, crop) can differ, the
+    other models' conditioning is the caption's alone, encoded once."""
+    cond_w = image_conditioning(args, prompt_encoder, batch, "w")
+    cond_l = image_conditioning(args, prompt_encoder, batch, "l") if cond_w.time_ids is not None else cond_w
+    cond = Conditioning.cat([cond_w, cond_l])
     return cond, prompt_encoder.unconditional(cond)
 
 
@@ -1100,15 +1220,15 @@ def invert_pairs(args, reference, latents, cond, uncond, schedule, cache):
     """Trajectories of `latents` under the reference: read from the cache when it holds them, else inverted."""
     with_noise_at_end = args.loss_type in AT_END_FORMS
 
-    def invert(rows):
+    def invert_rows(rows):
         with reference.context():
-            return ddim_invert(reference.model, latents[rows], cond.select(rows), uncond.select(rows), schedule,
-                               args.inversion_guidance_scale, with_noise_at_end=with_noise_at_end,
-                               chunk_size=args.trajectory_chunk_size)
+            return invert(reference.model, latents[rows], cond.select(rows),
+                          None if uncond is None else uncond.select(rows), schedule, args.inversion_guidance_scale,
+                          with_noise_at_end=with_noise_at_end, chunk_size=args.trajectory_chunk_size)
 
     if cache is None:
-        return invert(slice(None))
-    return cache.trajectories(latents, cond, schedule, with_noise_at_end, invert)
+        return invert_rows(slice(None))
+    return cache.trajectories(latents, cond, schedule, with_noise_at_end, invert_rows)
 
 
 def fill_cache(args, accelerator, dataloader, reference, prompt_encoder, vae, schedule, cache):
@@ -1126,7 +1246,7 @@ def fill_cache(args, accelerator, dataloader, reference, prompt_encoder, vae, sc
                 cache.summary())
 
 
-def training_step(args, accelerator, unet, reference, prompt_encoder, vae, batch, schedule, weights, train_alphas,
+def training_step(args, accelerator, model, reference, prompt_encoder, vae, batch, schedule, weights, train_levels,
                   generator, cache):
     """Encode, invert (reference, no gradient), evaluate the policy, backpropagate. Returns the `LossOutput`.
 
@@ -1135,10 +1255,10 @@ def training_step(args, accelerator, unet, reference, prompt_encoder, vae, batch
     latents_l = encode_images(vae, batch["pixel_values_l"])
     if args.loss_type in NOISING_FORMS:
         cond_w = image_conditioning(args, prompt_encoder, batch, "w")
-        return noising_loss(args, accelerator, unet, reference, latents_w, latents_l, cond_w, train_alphas, generator)
+        return noising_loss(args, accelerator, model, reference, latents_w, latents_l, cond_w, train_levels, generator)
     cond, uncond = pair_conditioning(args, prompt_encoder, batch)
     trajectories = invert_pairs(args, reference, torch.cat([latents_w, latents_l]), cond, uncond, schedule, cache)
-    return trajectory_loss(args, accelerator, unet, trajectories, cond, uncond, weights, generator)
+    return trajectory_loss(args, accelerator, model, trajectories, cond, uncond, weights, generator)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""A content-addressed disk cache of DDIM inversion trajectories.
+"""A content-addressed disk cache of inversion trajectories (DDIM, or Euler for flows).
 
 A trajectory depends only on the image latents, the caption's conditioning, the reference weights and the inversion
 settings, never on the policy being trained, so it can be computed once and reused across epochs and runs. An entry's
 name is a hash of all of those: the latents' and conditioning's bytes, a fingerprint of the reference weights
 (their values, not their name) and the settings. Each entry is one safetensors file holding x_0, the noise e_1..e_N
-and, for the exact form, eps_ref(x_i, tau_i); x_1..x_N are rebuilt from x_0 and e_i with the same DDIM step the
+and, for the exact form, eps_ref(x_i, tau_i); x_1..x_N are rebuilt from x_0 and e_i with the same step the
 inversion used, so a float32 cache gives bit-for-bit the trajectory of an uncached run. A bfloat16 cache halves the
 disk (SDXL 1024 px, N = 80: about 10.7 MB an image) and rounds the stored noise to bfloat16.
 
@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from inversion import Trajectory, ddim_step
+from inversion import Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +111,13 @@ class TrajectoryCache:
                 entries[b] = entry
         device = latents.device
         noise = torch.stack([entry["noise"] for entry in entries]).to(device, torch.float32)
-        alphas = schedule.alphas.to(device)
         points = [torch.stack([entry["x0"] for entry in entries]).to(device, torch.float32)]
         for i in range(num_steps):
-            points.append(ddim_step(points[-1], noise[:, i], alphas[i], alphas[i + 1]))
+            points.append(schedule.step(points[-1], noise[:, i], i))
         at_end = None
         if with_noise_at_end:
             at_end = torch.stack([entry["noise_at_end"] for entry in entries]).to(device, torch.float32)
-        return Trajectory(torch.stack(points, 1), noise, schedule.timesteps.to(device), alphas, at_end)
+        return Trajectory(torch.stack(points, 1), noise, schedule, at_end)
 
     def summary(self):
         return {"cache_hits": self.hits, "cache_misses": self.misses, "cache_repaired": self.repaired}

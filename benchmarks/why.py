@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import losses  # noqa: E402
 import toy_task  # noqa: E402
 from alignment import RESULTS, name_of  # noqa: E402
-from inversion import (InversionSchedule, anchored_noise, ddim_invert, forward_noise,  # noqa: E402
+from inversion import (InversionSchedule, forward_noise, invert,  # noqa: E402
                        predict_on_trajectory, training_alphas)
 
 POINT = {"inversion_dpo": "start", "inversion_dpo_official": "start", "inversion_dpo_exact": "end",
@@ -51,9 +51,9 @@ def decompose(base, tuned_unet, spec, manifest):
     captions = [r["caption"] for r in rows] * 2
     cond, uncond = toy_task.caption_conditioning(base, captions)
     schedule = InversionSchedule.from_scheduler_config(base.scheduler.config, 10)
-    trajectory = ddim_invert(base.unet, latents, cond, uncond, schedule, 1.0, with_noise_at_end=True)
+    trajectory = invert(base.unet, latents, cond, uncond, schedule, 1.0, with_noise_at_end=True)
     loss = spec["loss"]
-    target = anchored_noise(trajectory.latents, trajectory.alphas) if loss == "inversion_dpo_x0" else trajectory.noise
+    target = trajectory.anchored_target() if loss == "inversion_dpo_x0" else trajectory.noise
     policy = predict_on_trajectory(tuned_unet, trajectory, cond, uncond, 1.0, at=POINT[loss])
     errors = losses.squared_error(policy, target, batch_dims=2)
     if POINT[loss] == "end":

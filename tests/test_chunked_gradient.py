@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 
 import losses
-from inversion import Conditioning, InversionSchedule, PromptEncoder, ddim_invert
+from inversion import Conditioning, InversionSchedule, PromptEncoder, invert
 from train_inversion_dpo import parse_args, trajectory_loss
 
 
@@ -31,7 +31,7 @@ def micro_batches(sdxl_pipe):
         cond_l = encoder.encode(captions, [[64, 80]] * 2, [[0, 8]] * 2, (64, 64))
         cond = Conditioning.cat([cond_w, cond_l])
         uncond = encoder.unconditional(cond)
-        trajectories = ddim_invert(sdxl_pipe.unet, torch.randn(4, 4, 8, 8), cond, uncond, schedule, 2.0,
+        trajectories = invert(sdxl_pipe.unet, torch.randn(4, 4, 8, 8), cond, uncond, schedule, 2.0,
                                    with_noise_at_end=True)
         batches.append((trajectories, cond, uncond))
     return batches, losses.timestep_weights(schedule.alphas[1:], "official")

@@ -8,7 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import losses
-from inversion import FlowSchedule, anchored_velocity, euler_step, flow_invert
+from inversion import FlowSchedule, anchored_velocity, euler_step, invert_path
 
 SD3_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
 FLUX_CONFIG = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
@@ -49,7 +49,7 @@ def test_inversion_is_upward_euler_steps_and_the_sampler_steps_back_to_x0():
     velocity = velocity_field()
     x0 = torch.randn(3, 4, 8, 8)
     schedule = FlowSchedule.from_scheduler_config(SD3_CONFIG, 6)
-    points, velocities = flow_invert(velocity, x0, schedule)
+    points, velocities = invert_path(velocity, x0, schedule)
     assert points.shape == (3, 7, 4, 8, 8) and velocities.shape == (3, 6, 4, 8, 8)
     # written out: v_i = v(x_{i-1}, sigma_i T); x_i = x_{i-1} + (sigma_i - sigma_{i-1}) v_i
     sigmas = schedule.sigmas.tolist()
@@ -75,7 +75,7 @@ def test_inversion_is_upward_euler_steps_and_the_sampler_steps_back_to_x0():
 def test_anchored_velocity_rebuilds_each_point_from_x0():
     torch.manual_seed(1)
     schedule = FlowSchedule.from_scheduler_config(SD3_CONFIG, 5)
-    points, _ = flow_invert(velocity_field(1), torch.randn(2, 4, 4, 4), schedule)
+    points, _ = invert_path(velocity_field(1), torch.randn(2, 4, 4, 4), schedule)
     target = anchored_velocity(points, schedule.sigmas)
     for i in range(1, 6):
         sigma = schedule.sigmas[i]

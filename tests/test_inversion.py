@@ -18,7 +18,7 @@ from inversion import (
     Conditioning,
     InversionSchedule,
     PromptEncoder,
-    ddim_invert,
+    invert,
     ddim_step,
     forward_noise,
     guided_noise_prediction,
@@ -140,7 +140,7 @@ def test_inversion_matches_ddim_inverse_scheduler_step_for_step(sdxl_pipe, sdxl_
     latents = torch.randn(3, 4, 8, 8)
     num_steps = 8
     schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, num_steps)
-    trajectory = ddim_invert(sdxl_unet64, latents, cond, uncond, schedule, guidance_scale)
+    trajectory = invert(sdxl_unet64, latents, cond, uncond, schedule, guidance_scale)
     assert trajectory.latents.shape == (3, num_steps + 1, 4, 8, 8)
     assert torch.equal(trajectory.latents[:, 0], latents)
 
@@ -165,7 +165,7 @@ def test_inversion_matches_spec_formula_written_out(sd_pipe, sd_unet64):
     latents = torch.randn(2, 4, 8, 8)
     num_steps, g = 5, 2.0
     schedule = InversionSchedule.from_scheduler_config(sd_pipe.scheduler.config, num_steps)
-    trajectory = ddim_invert(sd_unet64, latents, cond, uncond, schedule, g)
+    trajectory = invert(sd_unet64, latents, cond, uncond, schedule, g)
     # scaled_linear betas, cumulative product, "leading" timesteps with steps_offset 1, a(0) before the first step
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     alpha_bar = torch.cumprod(1 - betas, 0)
@@ -188,7 +188,7 @@ def test_ddim_steps_back_from_noise_return_the_image(sdxl_pipe):
     cond, uncond = sdxl_conditioning(sdxl_pipe, CAPTIONS[:2])
     latents = torch.randn(2, 4, 8, 8)
     schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, 20)
-    trajectory = ddim_invert(sdxl_pipe.unet, latents, cond, uncond, schedule, 2.0)
+    trajectory = invert(sdxl_pipe.unet, latents, cond, uncond, schedule, 2.0)
     x = trajectory.latents[:, -1]
     for i in reversed(range(schedule.num_steps)):
         x = ddim_step(x, trajectory.noise[:, i], schedule.alphas[i + 1], schedule.alphas[i])
@@ -210,10 +210,10 @@ def test_guidance_one_is_the_conditional_prediction_with_one_call_per_step(sdxl_
             assert torch.equal(guided, conditional)
             calls.clear()
             schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, 6)
-            ddim_invert(sdxl_pipe.unet, latents, cond, None, schedule, 1.0)
+            invert(sdxl_pipe.unet, latents, cond, None, schedule, 1.0)
             assert calls == [3] * 6
             calls.clear()
-            ddim_invert(sdxl_pipe.unet, latents, cond, uncond, schedule, 2.0)
+            invert(sdxl_pipe.unet, latents, cond, uncond, schedule, 2.0)
             assert calls == [6] * 6  # guidance: both halves in one call per step
     finally:
         hook.remove()
@@ -224,7 +224,7 @@ def test_noise_at_end_and_chunked_prediction_match_unbatched_calls(sdxl_pipe, sd
     cond, uncond = sdxl_conditioning(sdxl_pipe, CAPTIONS[:2])
     schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, 5)
     unet = sdxl_unet64
-    trajectory = ddim_invert(unet, torch.randn(2, 4, 8, 8), cond, uncond, schedule, 2.0, with_noise_at_end=True,
+    trajectory = invert(unet, torch.randn(2, 4, 8, 8), cond, uncond, schedule, 2.0, with_noise_at_end=True,
                              chunk_size=2)
     # a float64 difference that lands either side of a float32 rounding boundary moves a prediction by an ulp
     tolerance = dict(rtol=0, atol=float32_ulps(4, trajectory.noise, trajectory.noise_at_end))
@@ -275,7 +275,7 @@ def test_mismatched_batch_sizes_are_errors_not_broadcasts(sdxl_pipe):
     with pytest.raises(ValueError, match="one row per sample"):
         Conditioning(torch.zeros(2, 4, 8), torch.zeros(3, 8), torch.zeros(2, 6))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
-        ddim_invert(sdxl_pipe.unet, torch.randn(4, 8, 8), cond, uncond, None, 2.0)
+        invert(sdxl_pipe.unet, torch.randn(4, 8, 8), cond, uncond, None, 2.0)
     with pytest.raises(ValueError, match="one per sample"):
         sdxl_encoder(sdxl_pipe).encode(CAPTIONS, [[64, 64]], [[0, 0]], (64, 64))
     with pytest.raises(ValueError, match="list of strings"):

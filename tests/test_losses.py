@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler
 
-from inversion import InversionSchedule, PromptEncoder, ddim_invert, forward_noise, predict_on_trajectory
+from inversion import InversionSchedule, PromptEncoder, invert, forward_noise, predict_on_trajectory
 from losses import (
     diffusion_dpo,
     inversion_dpo,
@@ -34,8 +34,8 @@ def setup(sdxl_pipe):
     uncond = encoder.unconditional(cond)
     schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, 4)
     reference = sdxl_pipe.unet
-    invert = lambda z: ddim_invert(reference, z, cond, uncond, schedule, G, with_noise_at_end=True)  # noqa: E731
-    winners, losers = invert(torch.randn(3, 4, 8, 8)), invert(torch.randn(3, 4, 8, 8))
+    invert_images = lambda z: invert(reference, z, cond, uncond, schedule, G, with_noise_at_end=True)  # noqa: E731
+    winners, losers = invert_images(torch.randn(3, 4, 8, 8)), invert_images(torch.randn(3, 4, 8, 8))
     return dict(cond=cond, uncond=uncond, schedule=schedule, reference=reference, winners=winners, losers=losers,
                 weights=timestep_weights(schedule.alphas[1:], "official"))
 
@@ -45,10 +45,10 @@ def setup64(setup):
     """`setup` with the reference UNet in float64 and the same images inverted again by it (the library takes every
     prediction as float32, so the trajectories are float32 as before)."""
     reference = copy.deepcopy(setup["reference"]).double()
-    invert = lambda z: ddim_invert(reference, z, setup["cond"], setup["uncond"], setup["schedule"], G,  # noqa: E731
+    invert_images = lambda z: invert(reference, z, setup["cond"], setup["uncond"], setup["schedule"], G,  # noqa: E731
                                    with_noise_at_end=True)
-    return dict(setup, reference=reference, winners=invert(setup["winners"].latents[:, 0]),
-                losers=invert(setup["losers"].latents[:, 0]))
+    return dict(setup, reference=reference, winners=invert_images(setup["winners"].latents[:, 0]),
+                losers=invert_images(setup["losers"].latents[:, 0]))
 
 
 def perturbed(unet, scale=3e-3, seed=0):

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from inversion import InversionSchedule, PromptEncoder, ddim_invert
+from inversion import InversionSchedule, PromptEncoder, invert
 from trajectory_cache import TrajectoryCache, weights_fingerprint
 
 SETTINGS = {"num_steps": 4, "guidance": 2.0}
@@ -20,13 +20,13 @@ def setup(sdxl_pipe):
     schedule = InversionSchedule.from_scheduler_config(sdxl_pipe.scheduler.config, 4)
     latents = torch.randn(3, 4, 8, 8)
 
-    def invert(rows):
-        invert.calls.append(list(range(3))[rows] if isinstance(rows, slice) else rows)
-        return ddim_invert(sdxl_pipe.unet, latents[rows], cond.select(rows), encoder.unconditional(cond).select(rows),
-                           schedule, 2.0, with_noise_at_end=True)
+    def invert_rows(rows):
+        invert_rows.calls.append(list(range(3))[rows] if isinstance(rows, slice) else rows)
+        return invert(sdxl_pipe.unet, latents[rows], cond.select(rows), encoder.unconditional(cond).select(rows),
+                      schedule, 2.0, with_noise_at_end=True)
 
-    invert.calls = []
-    return dict(cond=cond, schedule=schedule, latents=latents, invert=invert,
+    invert_rows.calls = []
+    return dict(cond=cond, schedule=schedule, latents=latents, invert=invert_rows,
                 fingerprint=weights_fingerprint(sdxl_pipe.unet, torch.float32))
 
 
