@@ -248,9 +248,9 @@ class SD3PromptEncoder:
         return Conditioning(*self._embed(captions), kind=self.kind)
 
     def unconditional(self, cond):
-        prompt_embeds, pooled = self._embed([""])
-        batch = len(cond)
-        return Conditioning(prompt_embeds.expand(batch, -1, -1), pooled.expand(batch, -1), kind=self.kind)
+        """The empty caption's conditioning, one row per row of `cond` (encoded at that batch size, as the pipeline
+        encodes its negative prompt: the same numbers bit for bit)."""
+        return Conditioning(*self._embed([""] * len(cond)), kind=self.kind)
 
 
 class FluxPromptEncoder:

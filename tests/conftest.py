@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny SDXL- and SD1.x-shaped pipelines built by `tiny_models`, saved once per test session."""
+"""Shared fixtures: tiny SDXL-, SD1.x-, SD3- and FLUX-shaped pipelines built by `tiny_models`, saved once per test
+session."""
 
 import os
 import sys
@@ -42,3 +43,27 @@ def sd_pipe(tiny_sd_path):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    return save_tiny_pipeline("sd3", str(tmp_path_factory.mktemp("tiny-sd3")))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory):
+    return save_tiny_pipeline("flux", str(tmp_path_factory.mktemp("tiny-flux")))
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe(tiny_sd3_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path)
+
+
+@pytest.fixture(scope="session")
+def flux_pipe(tiny_flux_path):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(tiny_flux_path)
