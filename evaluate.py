@@ -4,9 +4,9 @@
     python evaluate.py --base stabilityai/stable-diffusion-xl-base-1.0 --tuned out/checkpoint-2000 \
         --prompts prompts.txt --out_dir eval/
 
---tuned is a trainer output_dir or checkpoint-N folder (a full UNet under unet/ or a LoRA file), or a hub id of a
-UNet. Images go to out_dir/images/{base,tuned}/ and are skipped when already there, so an interrupted evaluation
-resumes. Scores: PickScore, CLIP score and the LAION aesthetic predictor through transformers; HPSv2 and ImageReward
+--tuned is a trainer output_dir or checkpoint-N folder (a full UNet under unet/, a full SD3/FLUX transformer under
+transformer/, or a LoRA file), or a hub id of such a model. Images go to out_dir/images/{base,tuned}/ and are
+skipped when already there, so an interrupted evaluation resumes. Scores: PickScore, CLIP score and the LAION aesthetic predictor through transformers; HPSv2 and ImageReward
 when their packages are installed. Every scorer id can be a local folder, for offline use. The report
 (out_dir/report.json and report.md) gives per scorer the mean score of each model and the win rate of tuned over base
 (a tie counts one half), each with a bootstrap 95% interval over the prompt-seed pairs, plus a grid of a few prompts.
@@ -68,22 +68,23 @@ def load_base(model, device, dtype):
 
 
 def tuned_pipeline(base, tuned):
-    """A pipeline sharing the base's text encoders and VAE, with its own UNet carrying the trained weights.
+    """A pipeline sharing the base's text encoders and VAE, with its own denoiser (the UNet of SD1.x/2.x and SDXL,
+    the transformer of SD3 and FLUX) carrying the trained weights.
 
-    `tuned`: a folder with unet/ (full fine-tune) or pytorch_lora_weights.safetensors (LoRA), as the trainer writes
-    into output_dir and every checkpoint-N/, or a hub id of a diffusers UNet.
+    `tuned`: a folder with unet/ or transformer/ (full fine-tune) or pytorch_lora_weights.safetensors (LoRA), as the
+    trainer writes into output_dir and every checkpoint-N/, or a hub id of a diffusers model of the base's class.
     """
-    from diffusers import UNet2DConditionModel
-
+    name = "transformer" if getattr(base, "transformer", None) is not None else "unet"
+    denoiser = getattr(base, name)
     folder = Path(tuned)
     components = dict(base.components)
     if (folder / "pytorch_lora_weights.safetensors").is_file():
-        components["unet"] = copy.deepcopy(base.unet)
+        components[name] = copy.deepcopy(denoiser)
         pipe = type(base)(**components)
         pipe.load_lora_weights(str(folder))
     else:
-        unet = UNet2DConditionModel.from_pretrained(str(tuned), subfolder="unet", dtype=base.unet.dtype)
-        components["unet"] = unet.to(base.unet.device)
+        trained = type(denoiser).from_pretrained(str(tuned), subfolder=name, dtype=denoiser.dtype)
+        components[name] = trained.to(denoiser.device)
         pipe = type(base)(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -71,6 +71,36 @@ def test_tuned_pipeline_loads_full_and_lora_outputs_without_touching_the_base(sd
     assert all(torch.equal(v, sdxl_pipe.unet.state_dict()[k]) for k, v in base_state.items())
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_tuned_pipeline_takes_flow_transformers_full_and_lora(sd3_pipe, flux_pipe, tmp_path, kind):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    base = {"sd3": sd3_pipe, "flux": flux_pipe}[kind]
+    transformer = copy.deepcopy(base.transformer)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    transformer.save_pretrained(tmp_path / "full" / "transformer")
+    lora = copy.deepcopy(base.transformer)
+    lora.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    type(base).save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(lora))
+    kwargs = dict(prompt="a red square", height=64, width=64, num_inference_steps=2, max_sequence_length=16,
+                  output_type="pt")
+    base_state = {k: v.clone() for k, v in base.transformer.state_dict().items()}
+    base_image = base(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    for output in ("full", "lora"):
+        tuned = evaluate.tuned_pipeline(base, tmp_path / output)
+        assert tuned.text_encoder is base.text_encoder and tuned.transformer is not base.transformer
+        image = tuned(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        assert not torch.allclose(image, base_image)
+    assert all(torch.equal(v, base.transformer.state_dict()[k]) for k, v in base_state.items())
+
+
 def test_evaluation_scores_reports_and_resumes(tiny_sdxl_path, tuned_folders, tmp_path):
     clip = save_tiny_clip(str(tmp_path / "clip"))
     head = {f"layers.{i}.weight": torch.randn(o, n) for i, (n, o) in zip((0, 2, 4, 6, 7),
@@ -122,33 +152,45 @@ def test_a_scorer_that_cannot_run_is_reported_not_fatal():
     assert "ImageReward is not installed" in skipped["imagereward"]
 
 
-def test_quick_samples_notebook_runs_headless(tiny_sdxl_path, tuned_folders, tmp_path):
+def run_notebook(base, trained, tmp_path, name):
+    """Run quick_samples.ipynb headless with its parameters cell pointed at tiny models; returns its printed text."""
     import nbformat
     from nbclient import NotebookClient
 
     notebook = nbformat.read(ROOT / "quick_samples.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # committed clean
     clip = save_tiny_clip(str(tmp_path / "clip"))
+    parameters = next(cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
+    parameters.source = "\n".join([
+        "import torch",
+        f"BASE_MODEL = {base!r}",
+        f"TRAINED = {str(trained)!r}",
+        'PROMPTS = ["a red square", "a blue circle"]',
+        "SEEDS = [0, 1]",
+        "GUIDANCE_SCALE = 5.0",
+        "STEPS = 2",
+        "RESOLUTION = 64",
+        'DEVICE = "cpu"',
+        "DTYPE = torch.float32",
+        f"GRID_PATH = {str(tmp_path / f'grid-{name}.png')!r}",
+        "SCORE = True",
+        f"PICKSCORE_MODEL = {clip!r}",
+        f"PICKSCORE_PROCESSOR = {clip!r}",
+    ])
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    assert Image.open(tmp_path / f"grid-{name}.png").size == (64 * 4, 64 * 2)
+    return "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+
+
+def test_quick_samples_notebook_runs_headless(tiny_sdxl_path, tuned_folders, tmp_path):
     for kind in ("full", "lora"):
-        parameters = next(cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
-        parameters.source = "\n".join([
-            "import torch",
-            f"BASE_MODEL = {tiny_sdxl_path!r}",
-            f"TRAINED = {str(tuned_folders / kind)!r}",
-            'PROMPTS = ["a red square", "a blue circle"]',
-            "SEEDS = [0, 1]",
-            "GUIDANCE_SCALE = 5.0",
-            "STEPS = 2",
-            "RESOLUTION = 64",
-            'DEVICE = "cpu"',
-            "DTYPE = torch.float32",
-            f"GRID_PATH = {str(tmp_path / f'grid-{kind}.png')!r}",
-            "SCORE = True",
-            f"PICKSCORE_MODEL = {clip!r}",
-            f"PICKSCORE_PROCESSOR = {clip!r}",
-        ])
-        NotebookClient(notebook, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(ROOT)}}).execute()
-        assert Image.open(tmp_path / f"grid-{kind}.png").size == (64 * 4, 64 * 2)
-        printed = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
-        assert "PickScore base" in printed
+        assert "PickScore base" in run_notebook(tiny_sdxl_path, tuned_folders / kind, tmp_path, kind)
+
+
+def test_quick_samples_notebook_takes_a_flux_base_and_trained_transformer(tiny_flux_path, flux_pipe, tmp_path):
+    transformer = copy.deepcopy(flux_pipe.transformer)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    transformer.save_pretrained(tmp_path / "full" / "transformer")
+    assert "PickScore base" in run_notebook(tiny_flux_path, tmp_path / "full", tmp_path, "flux")

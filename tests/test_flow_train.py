@@ -119,3 +119,24 @@ def test_sd3_lora_saves_a_file_the_pipeline_loads(tiny_sd3_path, pairs_dir, tmp_
 def test_flags_that_do_not_apply_to_flows_are_named(tiny_flux_path, pairs_dir, tmp_path, flag, message):  # noqa: F811
     result = launch(base_args(tiny_flux_path, pairs_dir, tmp_path, *flag), check=False)
     assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_recipe_scripts_run_with_overrides(tiny_sd3_path, tiny_flux_path, pairs_dir, tmp_path, kind):  # noqa: F811
+    from test_train import ENV, ROOT
+
+    model = {"sd3": tiny_sd3_path, "flux": tiny_flux_path}[kind]
+    env = {**ENV, "ACCELERATE_ARGS": "--cpu --num_processes 1", "MODEL_NAME": model,
+           "DATASET_NAME": str(pairs_dir / "pairs.jsonl"), "OUTPUT_DIR": str(tmp_path), "RESOLUTION": "64",
+           "NUM_INFERENCE_STEPS": "3", "MAX_TRAIN_STEPS": "2", "MAX_SEQUENCE_LENGTH": "16",
+           "GRADIENT_ACCUMULATION_STEPS": "1", "DATALOADER_NUM_WORKERS": "0"}
+    result = subprocess.run(["bash", str(ROOT / f"{kind}.sh"), "--report_to", "none"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = json.loads((tmp_path / "training_config.json").read_text())
+    expected = dict(model_kind=kind, mixed_precision="bf16", use_lora=True, rank=8, learning_rate=1e-5,
+                    beta_dpo=2000.0, loss_type="inversion_dpo_x0", gradient_checkpointing=True,
+                    inversion_guidance_scale={"sd3": 2.0, "flux": 3.5}[kind], max_sequence_length=16,
+                    num_inference_steps=3, resolution=64)
+    assert {key: config[key] for key in expected} == expected
+    assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
