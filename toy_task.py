@@ -1,8 +1,8 @@
 """A toy text-to-image task with a computable preference, for the demo and the alignment benchmark.
 
 Images are 32x32: a grey background with one square, red or blue, at a random place. The toy model is the tiny
-SDXL-shaped pipeline of `tiny_models.py` with its VAE and UNet trained here, briefly and reproducibly, on that
-distribution under three captions ("a square", "a warm square", "a cool square"), each with both colours equally
+SDXL-shaped pipeline of `tiny_models.py` (or with `kind="sd3"` its SD3-shaped rectified flow) with its VAE and UNet
+(transformer) trained here, briefly and reproducibly, on that distribution under three captions ("a square", "a warm square", "a cool square"), each with both colours equally
 often: the base model draws red and blue about equally for every caption. Two preference tasks:
 
 - colour: caption "a square", the red square preferred over the blue one;
@@ -14,6 +14,7 @@ folder holds `pairs.jsonl` and `pairs_swapped.jsonl` (winner and loser exchanged
 equal, gives the preference effect (METHOD.md section 6). Everything runs on a CPU; nothing is downloaded.
 
     python toy_task.py build OUT_DIR          # the toy model (OUT_DIR/model) and pairs (OUT_DIR/pairs)
+    python toy_task.py build OUT_DIR --kind sd3   # the same task for a rectified-flow (SD3-shaped) toy
     python toy_task.py evaluate OUT_DIR RUN   # preference rate of the base model and of a trained run
 """
 
@@ -29,8 +30,16 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from inversion import PromptEncoder, forward_noise, training_alphas
-from tiny_models import build_tiny_sdxl
+from inversion import (
+    PromptEncoder,
+    SD3PromptEncoder,
+    draw_training_levels,
+    flow_training_sigmas,
+    model_prediction,
+    training_alphas,
+    training_noise,
+)
+from tiny_models import build_tiny_sd3, build_tiny_sdxl
 
 SIZE = 32
 CAPTION = "a square"
@@ -39,6 +48,7 @@ TRAINING_CAPTIONS = ("a square", "a warm square", "a cool square")
 COLOURS = {"red": (220, 40, 40), "blue": (40, 40, 220)}
 BACKGROUND = (128, 128, 128)
 COMPLETE = "complete.json"  # written last into a finished model or dataset folder
+MAX_TOKENS = 16  # T5 tokens of the SD3-shaped toy's captions (train_inversion_dpo.py --max_sequence_length 16)
 
 
 def render(colour, rng):
@@ -94,12 +104,31 @@ def train_vae(vae, images, steps, generator, progress):
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.mean
+    if vae.config.shift_factor is not None:  # SD3/FLUX-style VAEs: centred, then scaled
+        vae.register_to_config(shift_factor=float(latents.mean()))
+        latents = latents - vae.config.shift_factor
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return latents * vae.config.scaling_factor
 
 
+def is_flow(pipe):
+    return getattr(pipe, "transformer", None) is not None
+
+
+def encode_latents(pipe, images):
+    """VAE latents as the pipelines (and the trainer) make them."""
+    latents = pipe.vae.encode(images).latent_dist.mean
+    return (latents - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
+
+
 def caption_conditioning(pipe, captions):
     """The conditioning of `captions` at the toy size, and its unconditional counterpart."""
+    if is_flow(pipe):
+        encoder = SD3PromptEncoder([pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
+                                   [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3], MAX_TOKENS,
+                                   pipe.transformer.config.joint_attention_dim)
+        cond = encoder.encode(list(captions))
+        return cond, encoder.unconditional(cond)
     encoder = PromptEncoder([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
     count = len(captions)
     cond = encoder.encode(list(captions), [[SIZE, SIZE]] * count, [[0, 0]] * count, (SIZE, SIZE))
@@ -107,38 +136,41 @@ def caption_conditioning(pipe, captions):
 
 
 def train_unet(pipe, latents, steps, generator, progress):
-    """Epsilon-prediction training on the toy latents, each under a caption drawn independently of its colour, with
-    10% unconditional (zero) captions."""
+    """Denoiser training on the toy latents (epsilon prediction for the UNet; for the SD3-shaped flow, velocity
+    prediction at its logit-normal training noise levels), each under a caption drawn independently of its colour,
+    with 10% unconditional captions (zeros for SDXL, the empty caption for SD3, as their pipelines' guidance)."""
     cond, uncond = caption_conditioning(pipe, TRAINING_CAPTIONS)
     choices = [cond.select(slice(k, k + 1)) for k in range(len(TRAINING_CAPTIONS))] + [uncond.select(slice(0, 1))]
-    alphas = training_alphas(pipe.scheduler.config)
-    unet = pipe.unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+    flow = is_flow(pipe)
+    levels = (flow_training_sigmas if flow else training_alphas)(pipe.scheduler.config)
+    model = (pipe.transformer if flow else pipe.unet).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     batch_size = 64
-    for step in progress(range(steps), desc="toy UNet"):
+    for step in progress(range(steps), desc="toy denoiser"):
         x0 = latents[torch.randint(0, len(latents), (batch_size,), generator=generator)]
         noise = torch.randn(x0.shape, generator=generator)
-        timesteps = torch.randint(0, len(alphas), (batch_size,), generator=generator)
+        level, timesteps = draw_training_levels(levels, batch_size, flow, generator)
         drop = torch.rand(batch_size, generator=generator) < 0.1
         picks = torch.randint(0, len(TRAINING_CAPTIONS), (batch_size,), generator=generator)
         picks[drop] = len(TRAINING_CAPTIONS)
         rows = type(cond).cat([choices[k] for k in picks.tolist()])
-        prediction = unet(forward_noise(x0, noise, alphas[timesteps]), timesteps, **rows.unet_kwargs(torch.float32))
-        loss = F.mse_loss(prediction.sample, noise)
+        noisy, target = training_noise(x0, noise, level, flow)
+        loss = F.mse_loss(model_prediction(model, noisy, timesteps, rows), target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         for group in optimizer.param_groups:  # cosine decay to 0
             group["lr"] = 1e-3 * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
-    unet.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
 
 
-def build_model(folder, seed=0, vae_steps=200, unet_steps=700, progress=tqdm):
-    """The toy pipeline in diffusers format at `folder` (built once; a complete folder is reused)."""
+def build_model(folder, seed=0, vae_steps=200, unet_steps=700, progress=tqdm, kind="sdxl"):
+    """The toy pipeline ("sdxl", or the rectified flow "sd3") in diffusers format at `folder` (built once; a complete
+    folder is reused)."""
 
     def build(scratch):
         generator = torch.Generator().manual_seed(seed)
-        pipe = build_tiny_sdxl(seed=seed)
+        pipe = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}[kind](seed=seed)
         images = training_images(2048, seed)
         latents = train_vae(pipe.vae, images, vae_steps, generator, progress)
         train_unet(pipe, latents, unet_steps, generator, progress)
@@ -177,15 +209,17 @@ def build_pairs(folder, count=512, seed=1, task="colour"):
 
 
 def load_pipeline(model_folder, run_folder=None):
-    """The toy pipeline, with the UNet (or LoRA) of a training run's output folder when given."""
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    """The toy pipeline, with the UNet or transformer (or LoRA) of a training run's output folder when given. UNet
+    toys sample with DDIM, flow toys with their own Euler scheduler."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
     from evaluate import tuned_pipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_folder)
+    pipe = DiffusionPipeline.from_pretrained(model_folder)
     if run_folder is not None:
         pipe = tuned_pipeline(pipe, run_folder)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if not is_flow(pipe):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -199,8 +233,9 @@ def sample(pipe, count, seed=0, guidance_scale=1.0, steps=20, batch_size=64, des
     for start in tqdm(range(0, count, batch_size), desc=desc, disable=desc is None):
         n = min(batch_size, count - start)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
+        extra = {"max_sequence_length": MAX_TOKENS} if is_flow(pipe) else {}
         out = pipe(captions[start : start + n], height=SIZE, width=SIZE, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, generator=generator, output_type="pt").images
+                   guidance_scale=guidance_scale, generator=generator, output_type="pt", **extra).images
         images.append(out * 2 - 1)
     return torch.cat(images)
 
@@ -219,17 +254,19 @@ def preference_rate(pipe, count, task="colour", seed=0, steps=20):
 
 @torch.no_grad()
 def heldout_denoising_loss(pipe, count=256, seed=12345):
-    """Mean epsilon-prediction error on fresh images of both colours under the three captions: does the model still
-    fit the data?"""
+    """Mean denoising error (epsilon; velocity for a flow toy) on fresh images of both colours under the three
+    captions, at the model's training noise levels: does the model still fit the data?"""
     images = training_images(count, seed)
-    latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+    latents = encode_latents(pipe, images)
     generator = torch.Generator().manual_seed(seed)
-    alphas = training_alphas(pipe.scheduler.config)
-    timesteps = torch.randint(0, len(alphas), (count,), generator=generator)
+    flow = is_flow(pipe)
+    levels = (flow_training_sigmas if flow else training_alphas)(pipe.scheduler.config)
+    level, timesteps = draw_training_levels(levels, count, flow, generator)
     noise = torch.randn(latents.shape, generator=generator)
     cond, _ = caption_conditioning(pipe, [TRAINING_CAPTIONS[i % len(TRAINING_CAPTIONS)] for i in range(count)])
-    prediction = pipe.unet(forward_noise(latents, noise, alphas[timesteps]), timesteps, **cond.unet_kwargs(torch.float32))
-    return F.mse_loss(prediction.sample, noise).item()
+    noisy, target = training_noise(latents, noise, level, flow)
+    model = pipe.transformer if flow else pipe.unet
+    return F.mse_loss(model_prediction(model, noisy, timesteps, cond), target).item()
 
 
 def image_grid(rows, columns=16):
@@ -248,6 +285,7 @@ def main():
     build = commands.add_parser("build", help="build the toy model and the preference pairs (once)")
     build.add_argument("out_dir")
     build.add_argument("--task", choices=TASKS, default="colour", help="which preference the pairs encode")
+    build.add_argument("--kind", choices=["sdxl", "sd3"], default="sdxl", help="UNet toy, or rectified-flow toy")
     evaluate = commands.add_parser("evaluate", help="preference rate before and after training")
     evaluate.add_argument("out_dir")
     evaluate.add_argument("run_dir")
@@ -268,7 +306,7 @@ def main():
 def run(args):
     out_dir = Path(args.out_dir)
     if args.command == "build":
-        print(f"toy model: {build_model(out_dir / 'model')}")
+        print(f"toy model: {build_model(out_dir / 'model', kind=args.kind)}")
         print(f"preference pairs: {build_pairs(out_dir / 'pairs', task=args.task)}")
         return
     results, rows = {}, []

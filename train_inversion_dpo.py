@@ -228,6 +228,11 @@ def parse_args(input_args=None):
     optim.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (overrides epochs).")
     optim.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, when --max_train_steps is not given.")
     optim.add_argument("--seed", type=int, default=0, help="Seed of weights init (LoRA), data order, crops and noise.")
+    optim.add_argument("--init_perturbation", type=float, default=0.0,
+                       help="Add Gaussian noise to the trainable weights before training: std this times each "
+                            "tensor's RMS, or this itself for an all-zero tensor (LoRA's B). A symmetry breaker for "
+                            "studying the paper and released forms, which have no gradient while the policy equals "
+                            "the reference (README, 'Zero gradient at the start'); 0 (default) adds none.")
 
     output = parser.add_argument_group("checkpoints and output")
     output.add_argument("--output_dir", default="inversion-dpo-output", help="Where everything is written.")
@@ -277,6 +282,8 @@ def validate_args(parser, args):
         parser.error("--torch_compile_mode applies to the inductor backend only; drop it or --torch_compile_backend")
     if args.inversion_steps_offset is not None and args.inversion_steps_offset < 0:
         parser.error(f"--inversion_steps_offset {args.inversion_steps_offset} must be 0 or more")
+    if args.init_perturbation < 0:
+        parser.error("--init_perturbation must be 0 or more")
     if args.max_nonfinite_steps < 1:
         parser.error("--max_nonfinite_steps must be at least 1")
     if args.trajectory_chunk_size < 1:
@@ -423,7 +430,7 @@ def inversion_scheduler_config(args, scheduler_config):
 def load_reference(args, kind, device, dtype):
     """Full fine-tune: a second, frozen copy of the base model, kept on the device in the mixed-precision dtype."""
     _, subfolder, model_class = MODEL_KINDS[kind]
-    logger.info("loading the reference %s", subfolder)
+    logger.info("loading the reference %s", "UNet" if subfolder == "unet" else "transformer")
     reference = diffusers_class(model_class).from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder,
                                                              variant=args.variant, revision=args.revision,
                                                              cache_dir=args.cache_dir_model)
@@ -491,6 +498,17 @@ def set_peak_learning_rate(lr_scheduler, learning_rate):
     for group, rate in zip(scheduler.optimizer.param_groups, rates):
         group["lr"] = rate
     scheduler._last_lr = rates
+
+
+@torch.no_grad()
+def perturb(params, scale, seed):
+    """--init_perturbation: w += scale * rms(w) * n (scale * n where w is all zeros), n ~ N(0, 1) drawn on the CPU from
+    `seed`, so every process and every resume start from the same weights."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        noise = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
+        rms = p.float().pow(2).mean().sqrt()
+        p.add_(noise * (scale * rms if rms > 0 else scale))
 
 
 def make_optimizer(args, params):
@@ -1039,6 +1057,8 @@ def main(args):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     params = [p for p in denoiser.parameters() if p.requires_grad]
+    if args.init_perturbation:
+        perturb(params, args.init_perturbation, args.seed)
     optimizer = make_optimizer(args, params)
     steps_per_epoch = None
     if not args.streaming:

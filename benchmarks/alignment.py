@@ -51,6 +51,10 @@ CONFIGS = [(form, weighting) for form in TRAJECTORY_FORMS for weighting in ("off
 CONFIGS += [("diffusion_dpo", "-"), ("sft", "-")]
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 VALIDATION_SEED, REPORT_SEED = 1, 0  # sampling seeds
+# The symmetry breakers of the paper form (its gradient is exactly 0 while the policy equals the reference):
+# weight_decay (its default here), bf16 autocast, none, a random start (perturb), a LoRA adapter with a random B (lora)
+BREAKERS = ("bf16", "none", "perturb", "lora")
+PERTURBATION = 1e-3  # --init_perturbation: noise std relative to each weight's RMS (absolute for LoRA's zero B)
 
 
 class Study:
@@ -102,17 +106,7 @@ class Study:
 
     # -- one run ----------------------------------------------------------------------------------------------
     def trainer(self, flags, threads=1):
-        command = [sys.executable, str(ROOT / "train_inversion_dpo.py"),
-                   "--pretrained_model_name_or_path", str(self.toy / "model"), "--resolution", "32", "--no_hflip",
-                   "--num_inference_steps", "10", "--inversion_guidance_scale", "1", "--trajectory_chunk_size", "10",
-                   "--lr_scheduler", "constant", "--train_batch_size", str(self.batch), "--report_to", "none",
-                   *flags]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        if threads:
-            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            raise RuntimeError(f"training failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+        run_trainer(self.toy / "model", ["--train_batch_size", str(self.batch), *flags], threads)
 
     def run(self, spec):
         """Train one run (unless finished before) and measure it; returns its record."""
@@ -120,7 +114,7 @@ class Study:
         record_path = run_dir / "record.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
         if record is None:
-            if not (run_dir / "unet").is_dir():
+            if not ((run_dir / "unet").is_dir() or (run_dir / "pytorch_lora_weights.safetensors").is_file()):
                 shutil.rmtree(run_dir, ignore_errors=True)
                 self.train(spec, run_dir)
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -155,6 +149,8 @@ class Study:
         breaker = spec.get("breaker", "weight_decay")
         flags += ["--adam_weight_decay", "1e-2" if breaker == "weight_decay" else "0",
                   "--mixed_precision", "bf16" if breaker == "bf16" else "no"]
+        if breaker in ("perturb", "lora"):  # a small random start away from the reference (LoRA: a random B)
+            flags += ["--init_perturbation", str(PERTURBATION)] + (["--use_lora"] if breaker == "lora" else [])
         self.trainer(flags)
 
     def wanted_measures(self, spec):
@@ -172,6 +168,21 @@ class Study:
         with ThreadPoolExecutor(workers) as pool:
             records = dict(zip(todo, pool.map(self.run, todo.values())))
         return records
+
+
+def run_trainer(model, flags, threads=1):
+    """train_inversion_dpo.py on a toy `model` with the studies' fixed settings (32 px, N = 10, guidance 1, all steps
+    in one call, constant learning rate), `threads` CPU threads (None: the default)."""
+    command = [sys.executable, str(ROOT / "train_inversion_dpo.py"),
+               "--pretrained_model_name_or_path", str(model), "--resolution", "32", "--no_hflip",
+               "--num_inference_steps", "10", "--inversion_guidance_scale", "1", "--trajectory_chunk_size", "10",
+               "--lr_scheduler", "constant", "--report_to", "none", *flags]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"training failed: {' '.join(command)}\n{result.stderr[-3000:]}")
 
 
 def name_of(spec):
@@ -346,7 +357,9 @@ def label(spec):
     if spec.get("loss_timesteps"):
         text += f", {spec['loss_timesteps']} loss step{'s' if spec['loss_timesteps'] > 1 else ''} per pair"
     if spec.get("breaker", "weight_decay") != "weight_decay":
-        text += {"bf16": ", bf16 autocast, no weight decay", "none": ", fp32, no weight decay"}[spec["breaker"]]
+        text += {"bf16": ", bf16 autocast, no weight decay", "none": ", fp32, no weight decay",
+                 "perturb": f", random start ({PERTURBATION:g} x RMS), no weight decay",
+                 "lora": f", LoRA with random B (std {PERTURBATION:g}), no weight decay"}[spec["breaker"]]
     return text
 
 
@@ -425,19 +438,18 @@ def main():
                                                                         args.workers, log, lrs)
     report = {}  # 2. and 3.: label -> spec without task and seed
     for spec in chosen.values():
-        # to fit the study into an evening on 2 cores: uniform weights at their grid run only (colour, training
-        # seed 0, no curve), the exact form on the colour task (its chosen setting barely moves the model)
+        # to fit the study into 2 cores: uniform weights and the exact form on the colour task only
         if spec["weighting"] == "uniform":
-            report[label(spec)] = {**spec, "tasks": ["colour"], "seeds": [0]}
+            report[label(spec)] = {**spec, "tasks": ["colour"]}
         elif spec["loss"] == "inversion_dpo_exact":
             report[label(spec)] = {**spec, "curve": True, "tasks": ["colour"]}
         else:
             report[label(spec)] = {**spec, "curve": True}
     paper = chosen.get(("inversion_dpo", "official"))
     if paper is not None:
-        for breaker in ("bf16", "none"):  # one task answers whether the sign follows the breaker
+        for breaker in BREAKERS:  # one task answers whether the sign follows the breaker
             report[label({**paper, "breaker": breaker})] = {**paper, "breaker": breaker, "tasks": ["colour"]}
-        official = {**paper, "loss": "inversion_dpo_official", "tasks": ["colour"], "seeds": [0]}
+        official = {**paper, "loss": "inversion_dpo_official", "tasks": ["colour"]}
         report[label(official)] = official
     anchored = chosen.get(("inversion_dpo_x0", "official"))
     if anchored is not None and not args.quick:

@@ -15,6 +15,9 @@ pair, paper loss, guidance 2, conditioning given (text encoders and VAE are outs
     python benchmarks/step_bench.py                          # tiny SDXL-shaped UNet on the CPU, 64 px
     python benchmarks/step_bench.py --config sdxl --json out.jsonl   # SDXL-sized UNet, random weights, 1024 px, bf16, CUDA
     python benchmarks/step_bench.py --config sdxl --lora ...         # the same with LoRA adapters (rank 64)
+    python benchmarks/step_bench.py --config sd3 ...    # SD3.5-medium-sized transformer (flow inversion, CFG 2)
+    python benchmarks/step_bench.py --config flux --lora ...   # FLUX.1-dev-sized transformer (guidance embedding)
+    python benchmarks/step_bench.py --config tiny_sd3   # (tiny_flux) the tiny flow models on the CPU, 64 px
 
 Each configuration runs in a fresh process so that peak memory is its own: torch.cuda.max_memory_allocated (and
 _reserved) on a GPU, the process's peak resident set on a CPU (which includes the interpreter, the weights and whatever
@@ -48,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 MODES = ("released", "uncached", "cached")
 
-# SDXL base 1.0's UNet (the shapes and cost of the real one; random weights, nothing downloaded).
+# The shapes and cost of the real models (random weights, nothing downloaded). SDXL base 1.0's UNet:
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -57,6 +60,19 @@ SDXL_UNET = dict(
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
+# SD3.5 medium's transformer (2.5B parameters; MMDiT-X: dual attention in its first 13 blocks, RMS-normed q/k).
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+# FLUX.1-dev's transformer (12B parameters: 19 double-stream and 38 single-stream blocks, guidance embedding).
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+KINDS = {"tiny": "sdxl", "sdxl": "sdxl", "tiny_sd3": "sd3", "sd3": "sd3", "tiny_flux": "flux", "flux": "flux"}
+GUIDANCE = {"sdxl": 2.0, "sd3": 2.0, "flux": 3.5}  # flux: the value of its guidance embedding (one call per step)
 
 
 def peak_memory(device):
@@ -75,42 +91,60 @@ class Bench:
                  resolution=None, gradient_checkpointing=None):
         from accelerate import Accelerator
 
-        from inversion import Conditioning
-        from tiny_models import build_tiny_sdxl
-        from train_inversion_dpo import Reference
+        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
-        self.mode, self.chunk = mode, chunk
+        from inversion import Conditioning
+        from tiny_models import build_tiny_flux, build_tiny_sd3, build_tiny_sdxl
+        from train_inversion_dpo import DEFAULT_LORA_TARGETS, Reference
+
+        self.mode, self.chunk, self.kind = mode, chunk, KINDS[config]
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.bfloat16 if config == "sdxl" else torch.float32
+        full_size = not config.startswith("tiny")
+        self.dtype = torch.bfloat16 if full_size else torch.float32
         self.accelerator = Accelerator(cpu=self.device.type == "cpu",
                                        mixed_precision="bf16" if self.dtype == torch.bfloat16 else "no")
         torch.manual_seed(0)
-        if config == "sdxl":
-            from diffusers import UNet2DConditionModel
-
+        if full_size:
+            model_class, model_config = {"sdxl": (UNet2DConditionModel, SDXL_UNET),
+                                         "sd3": (SD3Transformer2DModel, SD35_MEDIUM_TRANSFORMER),
+                                         "flux": (FluxTransformer2DModel, FLUX_DEV_TRANSFORMER)}[self.kind]
             with torch.device(self.device):  # random init on the device: seconds, not minutes
-                policy = UNet2DConditionModel(**SDXL_UNET)
-            self.resolution, tokens, width, pooled = resolution or 1024, 77, 2048, 1280
+                policy = model_class(**model_config)
+            # text tokens, their width, pooled width: SDXL 77 CLIP; SD3 77 CLIP + 256 T5; FLUX 512 T5
+            tokens, width, pooled = {"sdxl": (77, 2048, 1280), "sd3": (333, 4096, 2048),
+                                     "flux": (512, 4096, 768)}[self.kind]
+            self.resolution = resolution or 1024
         else:
-            policy = build_tiny_sdxl().unet.to(self.device)
-            self.resolution, tokens, width, pooled = resolution or 64, 16, 64, 32
-        if gradient_checkpointing if gradient_checkpointing is not None else config == "sdxl":
+            build = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux}[self.kind]
+            pipe = build()
+            policy = (pipe.unet if self.kind == "sdxl" else pipe.transformer).to(self.device)
+            tokens, width, pooled = {"sdxl": (16, 64, 32), "sd3": (32, 64, 64), "flux": (16, 64, 32)}[self.kind]
+            self.resolution = resolution or 64
+        if gradient_checkpointing if gradient_checkpointing is not None else full_size:
             policy.enable_gradient_checkpointing()
         # The conditioning and latents come before anything optional so that every process draws the same ones.
         side = self.resolution // 8
-        time_ids = torch.tensor([[self.resolution, self.resolution, 0, 0, self.resolution, self.resolution]] * 2,
-                                dtype=torch.float32)
-        self.cond = Conditioning(torch.randn(2, tokens, width), torch.randn(2, pooled), time_ids).to(self.device)
-        self.uncond = Conditioning(torch.zeros(2, tokens, width), torch.zeros(2, pooled), time_ids).to(self.device)
-        self.latents = torch.randn(2, 4, side, side).to(self.device)
+        if self.kind == "sdxl":
+            time_ids = torch.tensor([[self.resolution, self.resolution, 0, 0, self.resolution, self.resolution]] * 2,
+                                    dtype=torch.float32)
+            self.cond = Conditioning(torch.randn(2, tokens, width), torch.randn(2, pooled), time_ids)
+            self.uncond = Conditioning(torch.zeros(2, tokens, width), torch.zeros(2, pooled), time_ids)
+        else:
+            self.cond = Conditioning(torch.randn(2, tokens, width), torch.randn(2, pooled), kind=self.kind)
+            # SD3: the empty caption's encoding (not zeros); FLUX: no unconditional branch
+            self.uncond = Conditioning(torch.randn(2, tokens, width), torch.randn(2, pooled), kind="sd3") \
+                if self.kind == "sd3" else None
+        self.cond = self.cond.to(self.device)
+        self.uncond = None if self.uncond is None else self.uncond.to(self.device)
+        self.latents = torch.randn(2, 4 if self.kind == "sdxl" else 16, side, side).to(self.device)
 
         self.reference_unet = None
         if lora:
             from peft import LoraConfig
 
             policy.requires_grad_(False).to(self.device, self.dtype)
-            policy.add_adapter(LoraConfig(r=64, lora_alpha=64, init_lora_weights="gaussian",
-                                          target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+            targets = DEFAULT_LORA_TARGETS["unet" if self.kind == "sdxl" else "transformer"].split(",")
+            policy.add_adapter(LoraConfig(r=64, lora_alpha=64, init_lora_weights="gaussian", target_modules=targets))
             for p in policy.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -142,20 +176,25 @@ class Bench:
         chunk = num_steps if self.mode == "released" or self.chunk == 0 else self.chunk
         # the paper form, as in the README's tables (the anchored form adds the N reference calls of its cache)
         return parse_args(["--pretrained_model_name_or_path", "unused", "--dataset_name", "unused",
-                           "--loss_type", "inversion_dpo", "--num_inference_steps", str(num_steps), "--trajectory_chunk_size", str(chunk),
-                           "--resolution", str(self.resolution), *extra])
+                           "--loss_type", "inversion_dpo", "--num_inference_steps", str(num_steps),
+                           "--trajectory_chunk_size", str(chunk), "--resolution", str(self.resolution),
+                           "--inversion_guidance_scale", str(GUIDANCE[self.kind]), *extra])
 
     def setup(self, num_steps):
         """(trainer arguments, schedule, timestep weights, cache or None) for N steps, made once: what the trainer
         prepares before its loop stays out of the timed step."""
         if num_steps not in self._setups:
-            import losses
-            from inversion import InversionSchedule
-            from tiny_models import SCHEDULER_CONFIG
+            from inversion import FlowSchedule, InversionSchedule
+            from tiny_models import FLUX_SCHEDULER_CONFIG, SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
+            from train_inversion_dpo import step_weights
             from trajectory_cache import TrajectoryCache
 
-            schedule = InversionSchedule.from_scheduler_config(SCHEDULER_CONFIG, num_steps)
-            weights = losses.timestep_weights(schedule.alphas[1:], "official").to(self.device)
+            if self.kind == "sdxl":
+                schedule = InversionSchedule.from_scheduler_config(SCHEDULER_CONFIG, num_steps)
+            else:  # the real models' scheduler configs
+                config = SD3_SCHEDULER_CONFIG if self.kind == "sd3" else FLUX_SCHEDULER_CONFIG
+                schedule = FlowSchedule.for_pipeline(self.kind, config, num_steps, self.resolution // 8)
+            weights = step_weights(schedule, "official").to(self.device)
             cache = TrajectoryCache(self.cache_dir, "bench", {"N": num_steps}) if self.mode == "cached" else None
             self._setups[num_steps] = (self.trainer_args(num_steps), schedule, weights, cache)
         return self._setups[num_steps]
@@ -296,7 +335,7 @@ def run_configuration(args, mode, n, cache_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=["tiny", "sdxl"], default="tiny")
+    parser.add_argument("--config", choices=list(KINDS), default="tiny")
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--resolution", type=int, default=None, help="Image side in pixels (default 1024 for sdxl, "
                                                                       "64 for tiny).")

@@ -39,66 +39,53 @@ def test_bootstrap_interval_matches_the_normal_approximation():
 @pytest.fixture(scope="module")
 def tuned_folders(sdxl_pipe, tmp_path_factory):
     """A full fine-tune output (unet/) and a LoRA output, as the trainer writes them."""
-    from diffusers import StableDiffusionXLPipeline
+    return save_tuned_outputs(sdxl_pipe, "unet", tmp_path_factory.mktemp("tuned"), ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def save_tuned_outputs(pipe, name, root, lora_targets):
+    """root/full/<name>/ (the pipeline's UNet or transformer, perturbed) and root/lora/ (random LoRA B), in the
+    trainer's output formats."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    root = tmp_path_factory.mktemp("tuned")
-    unet = copy.deepcopy(sdxl_pipe.unet)
+    model = copy.deepcopy(getattr(pipe, name))
     with torch.no_grad():
-        for p in unet.parameters():
+        for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    unet.save_pretrained(root / "full" / "unet")
-    lora_unet = copy.deepcopy(sdxl_pipe.unet)
-    lora_unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    model.save_pretrained(root / "full" / name)
+    lora = copy.deepcopy(getattr(pipe, name))
+    lora.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=lora_targets))
     with torch.no_grad():
-        for name, p in lora_unet.named_parameters():
-            if "lora_B" in name:
+        for parameter_name, p in lora.named_parameters():
+            if "lora_B" in parameter_name:
                 p.normal_(0, 0.5)
-    StableDiffusionXLPipeline.save_lora_weights(root / "lora", unet_lora_layers=get_peft_model_state_dict(lora_unet))
+    type(pipe).save_lora_weights(root / "lora", **{f"{name}_lora_layers": get_peft_model_state_dict(lora)})
     return root
 
 
-def test_tuned_pipeline_loads_full_and_lora_outputs_without_touching_the_base(sdxl_pipe, tuned_folders):
-    base_state = {k: v.clone() for k, v in sdxl_pipe.unet.state_dict().items()}
-    kwargs = dict(prompt="a red square", height=64, width=64, num_inference_steps=2, output_type="pt")
-    base_image = sdxl_pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
-    for kind in ("full", "lora"):
-        tuned = evaluate.tuned_pipeline(sdxl_pipe, tuned_folders / kind)
-        assert tuned.text_encoder is sdxl_pipe.text_encoder and tuned.unet is not sdxl_pipe.unet
+def check_tuned_pipelines(base, name, root, **kwargs):
+    """Each output under `root` loads onto `base`, changes its samples, and leaves the base's weights alone."""
+    model = getattr(base, name)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = dict(prompt="a red square", height=64, width=64, num_inference_steps=2, output_type="pt", **kwargs)
+    base_image = base(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    for output in ("full", "lora"):
+        tuned = evaluate.tuned_pipeline(base, root / output)
+        assert tuned.text_encoder is base.text_encoder and getattr(tuned, name) is not model
         image = tuned(**kwargs, generator=torch.Generator().manual_seed(0)).images
         assert not torch.allclose(image, base_image)
-    assert all(torch.equal(v, sdxl_pipe.unet.state_dict()[k]) for k, v in base_state.items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base_state.items())
+
+
+def test_tuned_pipeline_loads_full_and_lora_outputs_without_touching_the_base(sdxl_pipe, tuned_folders):
+    check_tuned_pipelines(sdxl_pipe, "unet", tuned_folders)
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_tuned_pipeline_takes_flow_transformers_full_and_lora(sd3_pipe, flux_pipe, tmp_path, kind):
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     base = {"sd3": sd3_pipe, "flux": flux_pipe}[kind]
-    transformer = copy.deepcopy(base.transformer)
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    transformer.save_pretrained(tmp_path / "full" / "transformer")
-    lora = copy.deepcopy(base.transformer)
-    lora.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"]))
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    type(base).save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(lora))
-    kwargs = dict(prompt="a red square", height=64, width=64, num_inference_steps=2, max_sequence_length=16,
-                  output_type="pt")
-    base_state = {k: v.clone() for k, v in base.transformer.state_dict().items()}
-    base_image = base(**kwargs, generator=torch.Generator().manual_seed(0)).images
-    for output in ("full", "lora"):
-        tuned = evaluate.tuned_pipeline(base, tmp_path / output)
-        assert tuned.text_encoder is base.text_encoder and tuned.transformer is not base.transformer
-        image = tuned(**kwargs, generator=torch.Generator().manual_seed(0)).images
-        assert not torch.allclose(image, base_image)
-    assert all(torch.equal(v, base.transformer.state_dict()[k]) for k, v in base_state.items())
+    save_tuned_outputs(base, "transformer", tmp_path, ["to_q", "to_k", "to_v"])
+    check_tuned_pipelines(base, "transformer", tmp_path, max_sequence_length=16)
 
 
 def test_evaluation_scores_reports_and_resumes(tiny_sdxl_path, tuned_folders, tmp_path):
@@ -188,9 +175,5 @@ def test_quick_samples_notebook_runs_headless(tiny_sdxl_path, tuned_folders, tmp
 
 
 def test_quick_samples_notebook_takes_a_flux_base_and_trained_transformer(tiny_flux_path, flux_pipe, tmp_path):
-    transformer = copy.deepcopy(flux_pipe.transformer)
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    transformer.save_pretrained(tmp_path / "full" / "transformer")
+    save_tuned_outputs(flux_pipe, "transformer", tmp_path, ["to_q", "to_k", "to_v"])
     assert "PickScore base" in run_notebook(tiny_flux_path, tmp_path / "full", tmp_path, "flux")
