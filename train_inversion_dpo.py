@@ -1213,8 +1213,9 @@ def main(args):
     if accelerator.is_main_process:
         save_model(final_model, args, kind, str(output_dir))
         if args.save_pipeline:
-            if args.use_lora:
-                final_model = final_model.merge_adapter() or final_model
+            if args.use_lora:  # the pipeline holds plain weights with the adapter merged in
+                final_model.fuse_lora()
+                final_model.unload_lora()
             build_pipeline(models, final_model, models["scheduler_config"]) \
                 .save_pretrained(output_dir)
         logger.info("training finished after %d steps; output in %s", global_step, output_dir)

@@ -5,14 +5,15 @@ The toy task of `toy_task.py` (red or blue squares; red preferred for "a square"
 matching. Each configuration is trained for the preference and against it (pairs swapped), same seeds; its preference
 effect is (red rate trained for red) - (red rate trained for blue), METHOD.md section 6. The recommended form
 (inversion_dpo_x0, official SNR-matched weights, warm float32 trajectory cache) and diffusion_dpo (the model's
-logit-normal noise levels) each get beta from a grid (learning rate 1e-4, as both chose on the SDXL toy), chosen on
-sampling seed 1 at training seed 0 (ties within 2 points: lower held-out loss), then trained on seeds 0, 1, 2 and
+logit-normal noise levels) each get beta from a grid (learning rate 1e-4, as both chose on the SDXL toy; a best beta
+on the grid's edge extends it one step), chosen on sampling seed 1 at training seed 0 (ties within 2 points: lower
+held-out loss), then trained on seeds 0, 1, 2 and
 reported on sampling seed 0 with 95% t-intervals, against optimiser steps and training seconds.
 
     python benchmarks/flow_alignment.py --work_dir /tmp/flowstudy     # the study (resumable: finished runs reused)
     python benchmarks/flow_alignment.py --quick --work_dir DIR        # smoke run of every stage
 
-Writes benchmarks/results/flow_alignment.{md,json,png}.
+Writes benchmarks/results/flow_alignment.{md,json,png} (flow_alignment_quick.* for --quick).
 """
 
 import argparse
@@ -147,13 +148,20 @@ def main():
             "heldout_loss": toy_task.heldout_denoising_loss(base_pipe)}
     chosen, rows = {}, {}
     for form, betas in study.grid.items():
-        grid = [{"loss": form, "beta": beta, "seed": 0} for beta in betas]
-        records = study.run_all(grid, args.workers)
-        scored = [(effect(records, spec, lambda r: r["validation_rate"]),
-                   records[name_of({**spec, "direction": "for"})]["heldout_loss"], spec) for spec in grid]
-        best = max(score for score, _, _ in scored)
-        candidates = [(loss, spec) for score, loss, spec in scored if score >= best - 0.02]
-        chosen[form] = min(candidates, key=lambda c: c[0])[1]
+        betas, extended = list(betas), set()
+        while True:  # a best beta on an edge of the grid extends it by one step on that side (once per side)
+            grid = [{"loss": form, "beta": beta, "seed": 0} for beta in betas]
+            records = study.run_all(grid, args.workers)
+            scored = [(effect(records, spec, lambda r: r["validation_rate"]),
+                       records[name_of({**spec, "direction": "for"})]["heldout_loss"], spec) for spec in grid]
+            best = max(score for score, _, _ in scored)
+            candidates = [(loss, spec) for score, loss, spec in scored if score >= best - 0.02]
+            chosen[form] = min(candidates, key=lambda c: c[0])[1]
+            side = {betas[0]: "low", betas[-1]: "high"}.get(chosen[form]["beta"]) if len(betas) > 1 else None
+            if side is None or side in extended:
+                break
+            extended.add(side)
+            betas = [betas[0] / 10] + betas if side == "low" else betas + [betas[-1] * 10]
         specs = [{**chosen[form], "seed": seed} for seed in study.seeds]
         records.update(study.run_all(specs, args.workers))
         steps = sorted(int(s) for s in records[name_of({**specs[0], "direction": "for"})]["rates"])
@@ -178,10 +186,11 @@ def main():
                "total_seconds": time.perf_counter() - started}
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "flow_alignment.json").write_text(json.dumps(summary, indent=1))
-    write_markdown(summary, results / "flow_alignment.md")
-    plot(rows, results / "flow_alignment.png")
-    print((results / "flow_alignment.md").read_text())
+    name = "flow_alignment_quick" if args.quick else "flow_alignment"  # a smoke run never replaces the study's files
+    (results / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    write_markdown(summary, results / f"{name}.md")
+    plot(rows, results / f"{name}.png")
+    print((results / f"{name}.md").read_text())
 
 
 def write_markdown(summary, path):
@@ -198,7 +207,9 @@ def write_markdown(summary, path):
         lines.append(f"| {form} | {row['beta']:g} ({grid}) | {fmt(row['effect'])} | "
                      f"{', '.join(f'{100 * e:+.0f}' for e in row['per_seed'])} | {rates} | {row['heldout_loss']:.3f} | "
                      f"{row['curve'][-1]['seconds']:.1f} |")
-    lines += ["", f"Toy build {summary['toy_build_seconds']:.0f} s, trajectory cache fill "
+    build = (f"Toy build {summary['toy_build_seconds']:.0f} s" if summary["toy_build_seconds"] >= 1
+             else "Toy model built by an earlier invocation")
+    lines += ["", f"{build}, trajectory cache fill "
               f"{summary['cache_fill_seconds']:.0f} s (apart from the runs' seconds), whole study "
               f"{summary['total_seconds'] / 60:.0f} min.", ""]
     path.write_text("\n".join(lines))

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -56,3 +57,20 @@ def test_step_bench_imports_without_the_data_stack():
     code = ("import sys; sys.modules['datasets'] = None; sys.modules['pyarrow'] = None; "
             "sys.path.insert(0, 'benchmarks'); import step_bench, train_inversion_dpo")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("config", ["tiny_sd3", "tiny_flux"])
+def test_step_bench_runs_the_flow_transformers(tmp_path, config):
+    # the SD3- and FLUX-sized configurations are these code paths with the real models' shapes (GPU only)
+    from step_bench import Bench
+
+    bench = Bench(config, "cached", cache_dir=str(tmp_path), gradient_checkpointing=True)
+    bench.fill(2)
+    bench.reference_unet = None  # a warm cache must not need the reference
+    calls = {"count": 0}
+    bench.unwrapped.register_forward_hook(lambda *_: calls.__setitem__("count", calls["count"] + 1))
+    before = [p.detach().clone() for p in bench.unwrapped.parameters()]
+    model_flops, executed_flops = bench.count_flops(2)
+    assert calls["count"] == 2 + 2  # K = 1: the 2 policy calls without gradient, then the 2 with
+    assert 0 < model_flops < executed_flops  # gradient checkpointing recomputes the forward passes
+    assert any(not torch.equal(a, b) for a, b in zip(before, bench.unwrapped.parameters()))

@@ -103,10 +103,17 @@ def test_outputs_load_with_the_standard_calls(runs):
 def test_sd3_lora_saves_a_file_the_pipeline_loads(tiny_sd3_path, pairs_dir, tmp_path):  # noqa: F811
     from diffusers import StableDiffusion3Pipeline
 
-    launch(base_args(tiny_sd3_path, pairs_dir, tmp_path, *COMMON, "--use_lora", "--rank", "4", "--no_t5"))
+    launch(base_args(tiny_sd3_path, pairs_dir, tmp_path, *COMMON, "--use_lora", "--rank", "4", "--no_t5",
+                     "--save_pipeline"))
     state = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
     assert any(".add_q_proj.lora_B" in key for key in state)  # the text stream's projections are adapted too
     assert any("lora_B" in key and value.abs().sum() > 0 for key, value in state.items())
+    # --save_pipeline: a whole pipeline with the adapter merged into plain weights, beside the LoRA file
+    saved = StableDiffusion3Pipeline.from_pretrained(str(tmp_path), text_encoder_3=None, tokenizer_3=None)
+    base = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
+    assert not any("lora" in name for name in saved.transformer.state_dict())
+    assert any(not torch.equal(a, b) for a, b in zip(saved.transformer.state_dict().values(),
+                                                     base.transformer.state_dict().values()))
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
     image = dict(prompt="a red square", height=64, width=64, num_inference_steps=2, max_sequence_length=16,
                  output_type="pt")

@@ -120,3 +120,20 @@ def test_alignment_study_quick_run_writes_its_outputs(tmp_path):
     assert entry["S_w"] == pytest.approx(sum(entry["winner"]), rel=1e-5, abs=1e-9)
     assert set(why["diffusion_dpo"]["for"]) == {"noising"}
     assert started and {p: p.stat().st_mtime for p in (tmp_path / "work" / "runs").glob("*/record.json")} == started
+
+
+def test_flow_alignment_quick_run_writes_its_outputs(tmp_path):
+    # the rectified-flow study's smoke run: an SD3-shaped toy trained by flow matching, both forms for and against
+    results = tmp_path / "results"
+    command = [sys.executable, str(ROOT / "benchmarks" / "flow_alignment.py"), "--quick", "--work_dir",
+               str(tmp_path / "work"), "--results_dir", str(results)]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    numbers = json.loads((results / "flow_alignment_quick.json").read_text())
+    assert set(numbers["forms"]) == {"inversion_dpo_x0", "diffusion_dpo"}
+    for row in numbers["forms"].values():
+        assert row["per_seed"] == pytest.approx([f - a for f, a in zip(row["rates"]["for"], row["rates"]["against"])])
+        assert [point["step"] for point in row["curve"]] == [2, 4]
+    assert "| inversion_dpo_x0 |" in (results / "flow_alignment_quick.md").read_text()
+    from PIL import Image
+
+    assert Image.open(results / "flow_alignment_quick.png").size[0] > 0

@@ -155,6 +155,26 @@ def test_lora_with_the_paper_form_is_stuck_at_zero_and_says_so(tiny_sdxl_path, p
     assert all(value.abs().sum() == 0 for key, value in state.items() if "lora_B" in key)
 
 
+def test_init_perturbation_breaks_the_paper_forms_tie(tiny_sdxl_path, pairs_dir, tmp_path):
+    # a LoRA adapter whose B starts random: the paper form has a gradient from the first step
+    result = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--loss_type", "inversion_dpo", "--use_lora",
+                              "--init_perturbation", "1e-3", "--max_train_steps", "1"))
+    assert "gradient norm is exactly 0" not in result.stderr
+    assert read_metrics(tmp_path)[0]["grad_norm"] > 0
+
+
+def test_perturb_adds_noise_scaled_by_each_tensors_rms():
+    from train_inversion_dpo import perturb
+
+    weights = [torch.randn(30, 20) * 3, torch.zeros(5, 4)]
+    originals = [w.clone() for w in weights]
+    perturb(weights, 1e-3, seed=7)
+    generator = torch.Generator().manual_seed(7)  # the formula written out: w + s * rms(w) * n, or s * n for zeros
+    noise = [torch.randn(w.shape, generator=generator) for w in originals]
+    torch.testing.assert_close(weights[0], originals[0] + 1e-3 * originals[0].pow(2).mean().sqrt() * noise[0])
+    torch.testing.assert_close(weights[1], 1e-3 * noise[1])
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_compiled_run_trains_exactly_like_the_plain_one(tiny_sdxl_path, pairs_dir, tmp_path, lora):
     # The eager backend traces the policy and the reference (full: a separate compiled UNet; LoRA: the same module
