@@ -158,7 +158,7 @@ def parse_args(input_args=None):
     method.add_argument("--timestep_weighting", default="official", choices=losses.WEIGHTINGS,
                         help="official: w_i = 1/(2 a(tau_i)); uniform: w_i = 1.")
     method.add_argument("--trajectory_chunk_size", type=int, default=1,
-                        help="Inversion steps per UNet call along a trajectory (K). K < N computes the gradient K "
+                        help="Inversion steps per model call along a trajectory (K). K < N computes the gradient K "
                              "steps at a time: the same gradient as one graph, with the memory of one chunk, for "
                              "one extra pass without gradient. K >= N holds all N steps in one graph, as released.")
 
@@ -191,11 +191,11 @@ def parse_args(input_args=None):
                            help="Default: accelerate's config. Trainable weights stay fp32.")
     precision.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
     precision.add_argument("--gradient_checkpointing", action="store_true",
-                           help="Recompute UNet activations in backward: less memory, more compute.")
+                           help="Recompute the model's activations in backward: less memory, more compute.")
     precision.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                            help="xformers attention (default: PyTorch SDPA).")
     precision.add_argument("--torch_compile", action="store_true",
-                           help="torch.compile the policy and reference UNets in place (state dicts and "
+                           help="torch.compile the policy and reference models in place (state dicts and "
                                 "checkpoints unchanged). The first steps compile, and so does each new batch shape.")
     precision.add_argument("--torch_compile_backend", default=None,
                            help="torch.compile backend (default inductor; eager checks the wiring without "
@@ -437,27 +437,27 @@ def load_reference(args, kind, device, dtype):
     reference.requires_grad_(False).eval().to(device, dtype=dtype)
     if args.enable_xformers_memory_efficient_attention:
         reference.enable_xformers_memory_efficient_attention()
-    return compile_unet(reference, args)
+    return compile_model(reference, args)
 
 
-def compile_unet(unet, args):
+def compile_model(model, args):
     """--torch_compile: nn.Module.compile, in place, so the module keeps its class, state dict keys and hooks
     (checkpoints, LoRA saving and DDP see the plain module). Without the flag, the module as it is."""
     if args.torch_compile:
-        unet.compile(backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
-    return unet
+        model.compile(backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
+    return model
 
 
 class Reference:
-    """The frozen reference: a separate UNet loaded on first use (with a trajectory cache, a run whose trajectories
-    are all cached never loads it), or for LoRA the policy's own UNet with its adapters switched off."""
+    """The frozen reference: a separate copy of the base model loaded on first use (with a trajectory cache, a run
+    whose trajectories are all cached never loads it), or for LoRA the policy itself with its adapters switched off."""
 
-    def __init__(self, load=None, lora_unet=None):
-        self._load, self._model, self.lora_unet = load, None, lora_unet
+    def __init__(self, load=None, lora_model=None):
+        self._load, self._model, self.lora_model = load, None, lora_model
 
     @property
     def model(self):
-        return self.lora_unet if self.lora_unet is not None else self.load()
+        return self.lora_model if self.lora_model is not None else self.load()
 
     def load(self):
         if self._model is None:
@@ -465,24 +465,24 @@ class Reference:
         return self._model
 
     def context(self):
-        return reference_mode(self.lora_unet) if self.lora_unet is not None else contextlib.nullcontext()
+        return reference_mode(self.lora_model) if self.lora_model is not None else contextlib.nullcontext()
 
 
-def add_lora(unet, args):
+def add_lora(model, args):
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+    model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
                                 target_modules=[m.strip() for m in args.lora_target_modules.split(",")]))
 
 
 @contextlib.contextmanager
-def reference_mode(unet):
-    """LoRA: the reference is the same UNet with its adapters switched off."""
-    unet.disable_adapters()
+def reference_mode(model):
+    """LoRA: the reference is the same model with its adapters switched off."""
+    model.disable_adapters()
     try:
-        yield unet
+        yield model
     finally:
-        unet.enable_adapters()
+        model.enable_adapters()
 
 
 def set_peak_learning_rate(lr_scheduler, learning_rate):
@@ -1012,6 +1012,9 @@ def main(args):
         raise SystemExit(f"error: --inversion_steps_offset sets a DDIM schedule; {kind} inverts on its own flow sigmas")
     if args.use_lora and args.lora_target_modules is None:
         args.lora_target_modules = DEFAULT_LORA_TARGETS[MODEL_KINDS[kind][1]]
+    if kind == "flux" and not args.use_lora and not accelerator.is_fsdp2:
+        logger.warning("full fine-tuning FLUX: its 12B transformer, a frozen reference copy and the optimiser state "
+                       "do not fit one GPU; use --use_lora, or FSDP (README, 'Scaling to several GPUs and machines')")
     if accelerator.is_main_process:
         (output_dir / "training_config.json").write_text(json.dumps({**vars(args), "model_kind": kind}, indent=2))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -1047,7 +1050,7 @@ def main(args):
         denoiser.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         denoiser.enable_xformers_memory_efficient_attention()
-    compile_unet(denoiser, args)  # for LoRA, the reference too: the same module with its adapters off
+    compile_model(denoiser, args)  # for LoRA, the reference too: the same module with its adapters off
     prompt_encoder = make_prompt_encoder(args, models)
     weights = step_weights(schedule, args.timestep_weighting).to(accelerator.device)
     # The noise levels of training timesteps, for diffusion_dpo and sft: a(t) (DDPM), or sigma (flows).
@@ -1082,7 +1085,7 @@ def main(args):
     # The reference: a separate frozen UNet (loaded now unless a trajectory cache may make it unnecessary), or for
     # LoRA the policy's base weights with the adapters off. It stays on the device: no offloading per call.
     if args.use_lora:
-        reference = Reference(lora_unet=accelerator.unwrap_model(denoiser))
+        reference = Reference(lora_model=accelerator.unwrap_model(denoiser))
     else:
         reference = Reference(load=lambda: load_reference(args, kind, accelerator.device, weight_dtype))
         if cache is None and args.loss_type != "sft":

@@ -148,7 +148,7 @@ class Bench:
             for p in policy.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-            self.reference = Reference(lora_unet=policy)  # the policy with its adapters off, as in the trainer
+            self.reference = Reference(lora_model=policy)  # the policy with its adapters off, as in the trainer
         else:
             if load_reference:  # a separate frozen copy in the compute dtype, as load_reference does
                 self.reference_unet = copy.deepcopy(policy).requires_grad_(False).eval().to(self.device, self.dtype)
@@ -259,7 +259,7 @@ class Bench:
 
 def run_one(args):
     """One configuration, in this process; prints one JSON line."""
-    from train_inversion_dpo import compile_unet
+    from train_inversion_dpo import compile_model
 
     cached = args.mode == "cached"
     bench = Bench(args.config, args.mode, args.lora, args.chunk, cache_dir=args.cache_dir,
@@ -278,7 +278,7 @@ def run_one(args):
     warmup_seconds = None
     if args.compile:
         for model in bench.unets():
-            compile_unet(model, bench.trainer_args(short, "--torch_compile"))
+            compile_model(model, bench.trainer_args(short, "--torch_compile"))
         bench.synchronise()
         start = time.perf_counter()
         bench.step(short)  # compiles
