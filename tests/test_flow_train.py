@@ -36,6 +36,8 @@ def runs(request, tiny_sd3_path, tiny_flux_path, pairs_dir, tmp_path_factory):  
     model = {"sd3": tiny_sd3_path, "flux": tiny_flux_path}[kind]
     folder = tmp_path_factory.mktemp(f"flow-{kind}")
     args = [*COMMON, *RUNS[kind]]
+    if kind == "sd3":  # a float32 trajectory cache shared by the three runs: the first fills it, the others read it
+        args += ["--inversion_cache_dir", str(folder / "cache"), "--inversion_cache_dtype", "float32"]
     one, resumed, two = folder / "one", folder / "resumed", folder / "two"
     launch(base_args(model, pairs_dir, one, *args, "--max_train_steps", "4"))
     # the second run starts from the first one's checkpoint-2, as a run stopped there would
@@ -64,6 +66,8 @@ def test_trains_and_resumes_exactly(runs):
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
     assert [m["step"] for m in read_metrics(runs["resumed"])] == [1, 2, 3, 4]
+    if kind == "sd3":  # the resumed run read its trajectories from the cache the first run filled
+        assert read_metrics(runs["resumed"])[-1]["cache_hits"] > 0 and read_metrics(runs["one"])[0]["cache_misses"] > 0
     assert all(m["grad_norm"] > 0 for m in read_metrics(runs["one"]))
 
 
