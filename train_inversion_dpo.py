@@ -112,7 +112,7 @@ def parse_args(input_args=None):
                             "FLUX).")
     model.add_argument("--no_t5", action="store_true",
                        help="SD3: run without the T5 encoder (zeros in its place, as StableDiffusion3Pipeline with "
-                            "text_encoder_3=None): about 9 GB less memory.")
+                            "text_encoder_3=None): about 9 GB less memory. A model saved without T5 runs so anyway.")
 
     data = parser.add_argument_group("data (see data.py)")
     data.add_argument("--dataset_name", default=None, help="Hub id, or a local file or folder of preference pairs.")
@@ -328,8 +328,8 @@ def diffusers_class(name):
 
 
 def detect_model_kind(args, source):
-    """"sd", "sdxl", "sd3" or "flux", read from the model folder: its pipeline index names the transformer of SD3
-    and FLUX; a UNet with SDXL's text_time embedding is SDXL, any other UNet SD1.x/2.x."""
+    """("sd", "sdxl", "sd3" or "flux", the pipeline index), read from the model folder: its pipeline index names the
+    transformer of SD3 and FLUX; a UNet with SDXL's text_time embedding is SDXL, any other UNet SD1.x/2.x."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     path = args.pretrained_model_name_or_path
@@ -349,7 +349,7 @@ def detect_model_kind(args, source):
         kind = "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
     if args.sdxl and kind != "sdxl":
         raise ValueError(f"--sdxl was given but {path} is not an SDXL model (it is {kind})")
-    return kind
+    return kind, index
 
 
 def load_models(args):
@@ -360,7 +360,9 @@ def load_models(args):
 
     source = dict(revision=args.revision, cache_dir=args.cache_dir_model)
     path = args.pretrained_model_name_or_path
-    kind = detect_model_kind(args, source)
+    kind, index = detect_model_kind(args, source)
+    # SD3 without T5: asked for, or a model saved without it (its index holds no text_encoder_3), as diffusers allows
+    no_t5 = kind == "sd3" and (args.no_t5 or (index.get("text_encoder_3") or [None])[0] is None)
     if kind != "sd3" and args.no_t5:
         raise ValueError(f"--no_t5 applies to SD3 models only; {path} is {kind}")
     if kind not in FLOW_KINDS and args.max_sequence_length is not None:
@@ -371,7 +373,7 @@ def load_models(args):
     tokenizers, text_encoders = [], []
     for number, encoder_class in enumerate(encoder_classes, start=1):
         suffix = "" if number == 1 else f"_{number}"
-        if encoder_class is T5EncoderModel and kind == "sd3" and args.no_t5:
+        if encoder_class is T5EncoderModel and no_t5:
             tokenizers.append(None)
             text_encoders.append(None)
             continue
@@ -1012,6 +1014,12 @@ def main(args):
         raise SystemExit(f"error: --inversion_steps_offset sets a DDIM schedule; {kind} inverts on its own flow sigmas")
     if args.use_lora and args.lora_target_modules is None:
         args.lora_target_modules = DEFAULT_LORA_TARGETS[MODEL_KINDS[kind][1]]
+    if kind == "sd3" and accelerator.is_fsdp2:
+        # accelerate (1.15) loads FSDP2 shards from the model's state dict and takes every entry for a sharded
+        # parameter; SD3's transformer also holds a persistent buffer (pos_embed.pos_embed), which FSDP2 does not shard
+        raise SystemExit("error: FSDP2 cannot prepare SD3's transformer here (accelerate expects every state-dict "
+                         "entry to be a sharded parameter; its pos_embed buffer is not). Train SD3 with DDP or "
+                         "DeepSpeed ZeRO-2, with --use_lora if it does not fit (README, 'SD3 and FLUX').")
     if kind == "flux" and not args.use_lora and not accelerator.is_fsdp2:
         logger.warning("full fine-tuning FLUX: its 12B transformer, a frozen reference copy and the optimiser state "
                        "do not fit one GPU; use --use_lora, or FSDP (README, 'Scaling to several GPUs and machines')")

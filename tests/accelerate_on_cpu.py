@@ -7,7 +7,8 @@ FSDP config: with ACCELERATE_USE_CPU it wraps the model in DDP, without it every
 With a DeepSpeed config it sets up every process as process 0 of 1 while DeepSpeed counts 2. This runs the same
 code that GPUs run, on gloo: for FSDP it sets ACCELERATE_USE_CPU and, once accelerate has set up gloo and DDP, switches
 it to the FSDP plugin built from the config; for DeepSpeed (whose CPU accelerator talks gloo) it gives accelerate
-the gloo backend, which it does not pick itself without a GPU."""
+the gloo backend, which it does not pick itself without a GPU, and skips DeepSpeed's compiled shared-memory
+all-reduce (torch.distributed's gloo all-reduce does the same sum)."""
 
 import os
 import runpy
@@ -38,6 +39,11 @@ def _partial_state_on_gloo(self, cpu=False, **kwargs):
 AcceleratorState.__init__ = _accelerator_state_with_fsdp_on_cpu
 if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
     PartialState.__init__ = _partial_state_on_gloo
+    # DeepSpeed's CPU backend compiles a shared-memory all-reduce kernel with the C++ compiler at start-up (minutes
+    # on 2 cores, each clean machine); without it DeepSpeed's collectives go through torch.distributed on gloo
+    import deepspeed.comm.torch  # noqa: E402
+
+    deepspeed.comm.torch.build_shm_op = lambda: None
 sys.argv = sys.argv[1:]
 sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as if the script were run itself
 runpy.run_path(sys.argv[0], run_name="__main__")

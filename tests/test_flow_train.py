@@ -5,6 +5,7 @@ one with the same global batch."""
 import json
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -155,3 +156,39 @@ def test_recipe_scripts_run_with_overrides(tiny_sd3_path, tiny_flux_path, pairs_
                     num_inference_steps=3, resolution=64)
     assert {key: config[key] for key in expected} == expected
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_an_sd3_folder_saved_without_t5_loads_without_it(sd3_pipe, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from train_inversion_dpo import load_models, make_prompt_encoder, parse_args
+
+    parts = {**sd3_pipe.components, "text_encoder_3": None, "tokenizer_3": None}
+    StableDiffusion3Pipeline(**parts).save_pretrained(tmp_path)  # model_index.json: text_encoder_3 [null, null]
+    args = parse_args(["--pretrained_model_name_or_path", str(tmp_path), "--dataset_name", "unused",
+                       "--max_sequence_length", "16"])
+    models = load_models(args)
+    assert models["kind"] == "sd3" and models["text_encoders"][2] is None and models["tokenizers"][2] is None
+    cond = make_prompt_encoder(args, models).encode(["a red square"])
+    assert (cond.prompt_embeds[:, -16:] == 0).all()  # zeros where T5's states would be, as diffusers does
+
+
+def test_fsdp_trains_a_full_flux_transformer_and_refuses_sd3(tiny_flux_path, tiny_sd3_path, pairs_dir,  # noqa: F811
+                                                              tmp_path):
+    from diffusers import FluxTransformer2DModel
+    from test_scaling import fsdp_config, launch_on_cpu
+
+    launch_on_cpu(tmp_path, fsdp_config(), base_args(tiny_flux_path, pairs_dir, tmp_path / "flux", *COMMON,
+                                                     "--train_batch_size", "1"))
+    trained = FluxTransformer2DModel.from_pretrained(str(tmp_path / "flux"), subfolder="transformer")
+    base = FluxTransformer2DModel.from_pretrained(tiny_flux_path, subfolder="transformer")
+    assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), trained.state_dict().values()))
+    # SD3's persistent pos_embed buffer: accelerate's FSDP2 preparation cannot take it, and the trainer says so
+    config = tmp_path / "sd3-fsdp.yaml"
+    config.write_text(fsdp_config())
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                str(Path(__file__).parent / "accelerate_on_cpu.py"), str(Path(__file__).parents[1] /
+                                                                        "train_inversion_dpo.py")]
+    result = launch(base_args(tiny_sd3_path, pairs_dir, tmp_path / "sd3", *COMMON, "--train_batch_size", "1"),
+                    launcher=launcher, check=False, timeout=300)
+    assert result.returncode != 0 and "FSDP2 cannot prepare SD3's transformer" in result.stderr
