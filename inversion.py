@@ -217,6 +217,7 @@ class SD3PromptEncoder:
                              "(T5 may be None)")
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
         self.max_sequence_length, self.joint_attention_dim = max_sequence_length, joint_attention_dim
+        self._empty = {}  # batch size -> the empty caption's conditioning
 
     @property
     def device(self):
@@ -249,8 +250,12 @@ class SD3PromptEncoder:
 
     def unconditional(self, cond):
         """The empty caption's conditioning, one row per row of `cond` (encoded at that batch size, as the pipeline
-        encodes its negative prompt: the same numbers bit for bit)."""
-        return Conditioning(*self._embed([""] * len(cond)), kind=self.kind)
+        encodes its negative prompt: the same numbers bit for bit). Encoded once per batch size: the trainer asks
+        every step."""
+        batch = len(cond)
+        if batch not in self._empty:
+            self._empty[batch] = Conditioning(*self._embed([""] * batch), kind=self.kind)
+        return self._empty[batch]
 
 
 class FluxPromptEncoder:
