@@ -2,20 +2,24 @@
 
 Images are 32x32: a grey background with one square, red or blue, at a random place. The toy model is the tiny
 SDXL-shaped pipeline of `tiny_models.py` (or with `kind="sd3"` its SD3-shaped rectified flow) with its VAE and UNet
-(transformer) trained here, briefly and reproducibly, on that distribution under three captions ("a square", "a warm square", "a cool square"), each with both colours equally
-often: the base model draws red and blue about equally for every caption. Two preference tasks:
+(transformer) trained here, briefly and reproducibly, on that distribution under three captions ("a square",
+"a warm square", "a cool square"). Two preference tasks, each with its own base model:
 
-- colour: caption "a square", the red square preferred over the blue one;
+- colour: caption "a square", the red square preferred over the blue one. Its base model saw both colours equally
+  often under every caption, so it draws red and blue about equally;
 - warmcool: "a warm square" prefers red and "a cool square" prefers blue, in one dataset, so a loss that ignores
-  the captions cannot learn it (half the pairs pull each way).
+  the captions cannot learn it (half the pairs pull each way). Its base model (OUT_DIR/model_warmcool) saw warm
+  squares red 70% of the time and cool squares 30% (CAPTION_LEAN): without some such link its UNet ignores the
+  captions, and no loss, Diffusion-DPO and supervised fine-tuning included, learned the task in the study's budget.
 
 The preference rate of a model is the fraction of its samples in the preferred colour of their caption. Each pairs
 folder holds `pairs.jsonl` and `pairs_swapped.jsonl` (winner and loser exchanged): training on both, everything else
 equal, gives the preference effect (METHOD.md section 6). Everything runs on a CPU; nothing is downloaded.
 
     python toy_task.py build OUT_DIR          # the toy model (OUT_DIR/model) and pairs (OUT_DIR/pairs)
+    python toy_task.py build OUT_DIR --task warmcool   # its base model and pairs (OUT_DIR/{model,pairs}_warmcool)
     python toy_task.py build OUT_DIR --kind sd3   # the same task for a rectified-flow (SD3-shaped) toy
-    python toy_task.py evaluate OUT_DIR RUN   # preference rate of the base model and of a trained run
+    python toy_task.py evaluate OUT_DIR RUN   # preference rate of the base model and of a trained run (--task)
 """
 
 import argparse
@@ -45,6 +49,9 @@ SIZE = 32
 CAPTION = "a square"
 TASKS = {"colour": {"a square": "red"}, "warmcool": {"a warm square": "red", "a cool square": "blue"}}
 TRAINING_CAPTIONS = ("a square", "a warm square", "a cool square")
+# The warmcool task's toy is trained with its captions leaning to their colour (P(red) per caption; the others 1/2),
+# so that its UNet reads them; the colour task's toy draws the colour independently of the caption.
+CAPTION_LEAN = {"a warm square": 0.7, "a cool square": 0.3}
 COLOURS = {"red": (220, 40, 40), "blue": (40, 40, 220)}
 BACKGROUND = (128, 128, 128)
 COMPLETE = "complete.json"  # written last into a finished model or dataset folder
@@ -135,10 +142,12 @@ def caption_conditioning(pipe, captions):
     return cond, encoder.unconditional(cond)
 
 
-def train_unet(pipe, latents, steps, generator, progress):
+def train_unet(pipe, latents, steps, generator, progress, red=None):
     """Denoiser training on the toy latents (epsilon prediction for the UNet; for the SD3-shaped flow, velocity
     prediction at its logit-normal training noise levels), each under a caption drawn independently of its colour,
-    with 10% unconditional captions (zeros for SDXL, the empty caption for SD3, as their pipelines' guidance)."""
+    with 10% unconditional captions (zeros for SDXL, the empty caption for SD3, as their pipelines' guidance).
+    With `red` (per latent, True for a red square), a caption of CAPTION_LEAN gets a red square with its
+    probability instead."""
     cond, uncond = caption_conditioning(pipe, TRAINING_CAPTIONS)
     choices = [cond.select(slice(k, k + 1)) for k in range(len(TRAINING_CAPTIONS))] + [uncond.select(slice(0, 1))]
     flow = is_flow(pipe)
@@ -153,6 +162,12 @@ def train_unet(pipe, latents, steps, generator, progress):
         drop = torch.rand(batch_size, generator=generator) < 0.1
         picks = torch.randint(0, len(TRAINING_CAPTIONS), (batch_size,), generator=generator)
         picks[drop] = len(TRAINING_CAPTIONS)
+        for caption, p_red in (CAPTION_LEAN.items() if red is not None else ()):  # its square's colour redrawn
+            leaning = (picks == TRAINING_CAPTIONS.index(caption)).nonzero().flatten()
+            want_red = torch.rand(len(leaning), generator=generator) < p_red
+            for colour_red in (True, False):
+                pool, picked = (red == colour_red).nonzero().flatten(), leaning[want_red == colour_red]
+                x0[picked] = latents[pool[torch.randint(0, len(pool), (len(picked),), generator=generator)]]
         rows = type(cond).cat([choices[k] for k in picks.tolist()])
         noisy, target = training_noise(x0, noise, level, flow)
         loss = F.mse_loss(model_prediction(model, noisy, timesteps, rows), target)
@@ -164,19 +179,30 @@ def train_unet(pipe, latents, steps, generator, progress):
     model.eval().requires_grad_(False)
 
 
-def build_model(folder, seed=0, vae_steps=200, unet_steps=700, progress=tqdm, kind="sdxl"):
+def build_model(folder, seed=0, vae_steps=200, unet_steps=700, progress=tqdm, kind="sdxl", lean=False):
     """The toy pipeline ("sdxl", or the rectified flow "sd3") in diffusers format at `folder` (built once; a complete
-    folder is reused)."""
+    folder is reused). `lean`: captions lean to their colour as CAPTION_LEAN says (the warmcool task's toy)."""
 
     def build(scratch):
         generator = torch.Generator().manual_seed(seed)
         pipe = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}[kind](seed=seed)
         images = training_images(2048, seed)
         latents = train_vae(pipe.vae, images, vae_steps, generator, progress)
-        train_unet(pipe, latents, unet_steps, generator, progress)
+        train_unet(pipe, latents, unet_steps, generator, progress, red=is_red(images) if lean else None)
         pipe.save_pretrained(scratch)
 
     return _atomic_folder(folder, build)
+
+
+def model_folder(out_dir, task="colour", name="model"):
+    """The base model (`name` "pairs": the pairs) of `task` in a toy folder: OUT_DIR/model for the colour task,
+    OUT_DIR/model_warmcool for the warmcool task, whose captions lean (CAPTION_LEAN)."""
+    return Path(out_dir) / (name if task == "colour" else f"{name}_{task}")
+
+
+def build_task_model(out_dir, task="colour", **kwargs):
+    """Build (once) the base model of `task` under `out_dir` (build_model's keyword arguments pass through)."""
+    return build_model(model_folder(out_dir, task), lean=task == "warmcool", **kwargs)
 
 
 def task_captions(task, count):
@@ -306,12 +332,12 @@ def main():
 def run(args):
     out_dir = Path(args.out_dir)
     if args.command == "build":
-        print(f"toy model: {build_model(out_dir / 'model', kind=args.kind)}")
-        print(f"preference pairs: {build_pairs(out_dir / 'pairs', task=args.task)}")
+        print(f"toy model: {build_task_model(out_dir, args.task, kind=args.kind)}")
+        print(f"preference pairs: {build_pairs(model_folder(out_dir, args.task, 'pairs'), task=args.task)}")
         return
     results, rows = {}, []
     for name, run_dir in (("base", None), ("tuned", args.run_dir)):
-        pipe = load_pipeline(out_dir / "model", run_dir)
+        pipe = load_pipeline(model_folder(out_dir, args.task), run_dir)
         captions = task_captions(args.task, args.samples)
         images = sample(pipe, args.samples, seed=args.seed, desc=f"sampling {name}", captions=captions)
         results[name] = {"preference_rate": prefers(images, captions, args.task).float().mean().item(),

@@ -49,6 +49,8 @@ TRAJECTORY_FORMS = ("inversion_dpo", "inversion_dpo_exact", "inversion_dpo_x0")
 # the configurations tuned on the grid: (loss, weighting)
 CONFIGS = [(form, weighting) for form in TRAJECTORY_FORMS for weighting in ("official", "uniform")]
 CONFIGS += [("diffusion_dpo", "-"), ("sft", "-")]
+# the configurations on the warmcool task too (to fit the study into 2 cores; the others on the colour task only)
+BOTH_TASKS = [("inversion_dpo", "official"), ("inversion_dpo_x0", "official"), ("diffusion_dpo", "-"), ("sft", "-")]
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 VALIDATION_SEED, REPORT_SEED = 1, 0  # sampling seeds
 # The symmetry breakers of the paper form (its gradient is exactly 0 while the policy equals the reference):
@@ -84,11 +86,17 @@ class Study:
         import toy_task
 
         build = dict(vae_steps=20, unet_steps=60) if self.quick else {}
-        toy_task.build_model(self.toy / "model", progress=lambda it, desc=None: it, **build)
+        for task in self.tasks:  # each task its own base model (toy_task.model_folder)
+            toy_task.build_task_model(self.toy, task, progress=lambda it, desc=None: it, **build)
         for task in TASKS:
             toy_task.build_pairs(self.toy / f"pairs_{task}", count=self.pairs, seed=1, task=task)
             toy_task.build_pairs(self.toy / f"heldout_{task}", count=self.heldout_pairs, seed=2, task=task)
         self.fill_seconds = {task: self.fill_cache(task) for task in self.tasks}
+
+    def model(self, task):
+        import toy_task
+
+        return toy_task.model_folder(self.toy, task)
 
     def cache_dir(self, task):
         return self.work / f"cache_{task}"
@@ -100,13 +108,13 @@ class Study:
             self.trainer(["--dataset_name", str(self.toy / f"pairs_{task}" / "pairs.jsonl"), "--loss_type",
                           "inversion_dpo_x0", "--inversion_cache_dir", str(self.cache_dir(task)),
                           "--inversion_cache_dtype", "float32", "--fill_inversion_cache",
-                          "--output_dir", str(self.work / f"fill_{task}")], threads=None)
+                          "--output_dir", str(self.work / f"fill_{task}")], task, threads=None)
             marker.write_text(json.dumps({"seconds": time.perf_counter() - started}))
         return json.loads(marker.read_text())["seconds"]
 
     # -- one run ----------------------------------------------------------------------------------------------
-    def trainer(self, flags, threads=1):
-        run_trainer(self.toy / "model", ["--train_batch_size", str(self.batch), *flags], threads)
+    def trainer(self, flags, task, threads=1):
+        run_trainer(self.model(task), ["--train_batch_size", str(self.batch), *flags], threads)
 
     def run(self, spec):
         """Train one run (unless finished before) and measure it; returns its record."""
@@ -151,7 +159,7 @@ class Study:
                   "--mixed_precision", "bf16" if breaker == "bf16" else "no"]
         if breaker in ("perturb", "lora"):  # a small random start away from the reference (LoRA: a random B)
             flags += ["--init_perturbation", str(PERTURBATION)] + (["--use_lora"] if breaker == "lora" else [])
-        self.trainer(flags)
+        self.trainer(flags, spec["task"])
 
     def wanted_measures(self, spec):
         """Measure keys: 'rate:STEP:SEED:COUNT', and 'final' (held-out loss and implicit accuracy)."""
@@ -218,11 +226,12 @@ def measure(run_dir, keys, work):
     torch.set_num_threads(1)
     spec = json.loads((Path(run_dir) / "record.json").read_text())["spec"]
     toy = Path(work) / "toy"
-    base = toy_task.load_pipeline(toy / "model")
+    model = toy_task.model_folder(toy, spec["task"])
+    base = toy_task.load_pipeline(model)
     out = {}
     for key in keys:
         if key == "final":
-            pipe = toy_task.load_pipeline(toy / "model", run_dir)
+            pipe = toy_task.load_pipeline(model, run_dir)
             manifest = "pairs.jsonl" if spec["direction"] == "for" else "pairs_swapped.jsonl"
             out[key] = {"heldout_loss": toy_task.heldout_denoising_loss(pipe),
                         "heldout_implicit_accuracy": implicit_accuracy(
@@ -230,7 +239,7 @@ def measure(run_dir, keys, work):
             continue
         _, step, seed, count = key.split(":")
         folder = Path(run_dir) if int(step) == max_step(run_dir) else Path(run_dir) / f"checkpoint-{step}"
-        pipe = toy_task.load_pipeline(toy / "model", folder)
+        pipe = toy_task.load_pipeline(model, folder)
         out[key] = {"rate": toy_task.preference_rate(pipe, int(count), spec["task"], seed=int(seed))}
     print(json.dumps(out))
 
@@ -277,20 +286,20 @@ def implicit_accuracy(pipe, reference_unet, manifest, draws=8, seed=4321):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def grid_specs(study, loss, weighting, betas, lrs):
-    return [{"task": "colour", "loss": loss, "weighting": weighting, "beta": beta, "lr": lr, "seed": 0}
+def grid_specs(study, loss, weighting, betas, lrs, task):
+    return [{"task": task, "loss": loss, "weighting": weighting, "beta": beta, "lr": lr, "seed": 0}
             for beta, lr in itertools.product(betas, lrs)]
 
 
-def choose(study, records, loss, weighting, workers, log, lrs=None):
-    """The (beta, lr) of the best validation effect, extending the grid past an edge once per axis and side.
-    `lrs`: the learning rates to try (default the study's)."""
+def choose(study, records, loss, weighting, workers, log, lrs=None, task="colour"):
+    """The (beta, lr) of the best validation effect on `task`, extending the grid past an edge once per axis and
+    side. `lrs`: the learning rates to try (default the study's)."""
     kind = "trajectory" if loss in TRAJECTORY_FORMS else loss
     betas, lrs = list(study.betas[kind]), list(lrs or study.lrs)
     key = f"rate:{study.steps}:{VALIDATION_SEED}:{study.samples}"
     extended = set()
     while True:
-        specs = grid_specs(study, loss, weighting, betas, lrs)
+        specs = grid_specs(study, loss, weighting, betas, lrs, task)
         records.update(study.run_all(specs, workers))
         scored = []
         for spec in specs:
@@ -311,20 +320,20 @@ def choose(study, records, loss, weighting, workers, log, lrs=None):
                 grow = ("lr", side)
                 lrs = [lrs[0] / 10] + lrs if side == "low" else lrs + [lrs[-1] * 10]
         if grow is None:
-            log(f"  chosen for {loss} ({weighting}): beta {best['beta']}, lr {best['lr']:g} "
+            log(f"  chosen for {loss} ({weighting}) on {task}: beta {best['beta']}, lr {best['lr']:g} "
                 f"(validation effect {effect_of(records, best, key):+.1%}; grid betas {betas}, lrs {lrs})")
             return best, {"betas": betas, "lrs": lrs, "scores": [(s[0], s[1], s[2]) for s in scored]}
         extended.add(grow)
-        log(f"  {loss} ({weighting}): best on the {grow[1]} edge of {grow[0]}: extending the grid")
+        log(f"  {loss} ({weighting}) on {task}: best on the {grow[1]} edge of {grow[0]}: extending the grid")
 
 
-def summarise_config(study, records, spec):
-    """Per task: final effect (mean, half-width), its per-seed values, curves of effect against steps and seconds,
-    held-out loss, implicit accuracy, one-sided rates and saturation."""
-    out = {"spec": spec}
+def summarise_config(study, records, per_task):
+    """Per task (`per_task`: task -> its spec): final effect (mean, half-width), its per-seed values, curves of effect
+    against steps and seconds, held-out loss, implicit accuracy, one-sided rates and saturation."""
+    out = {"specs": per_task}
     final_key = f"rate:{study.steps}:{REPORT_SEED}:{study.samples}"
-    for task in spec.get("tasks", study.tasks):
-        specs = [{**spec, "task": task, "seed": seed} for seed in spec.get("seeds", study.seeds)]
+    for task, spec in per_task.items():
+        specs = [{**spec, "seed": seed} for seed in study.seeds]
         effects = [effect_of(records, s, final_key) for s in specs]
         runs = {d: [records[name_of({**s, "direction": d})] for s in specs] for d in ("for", "against")}
         curve = []
@@ -379,7 +388,7 @@ def plot(rows, path):
         for column, key in enumerate(("step", "seconds")):
             ax = axes[row][column]
             for name, summary in rows.items():
-                if task not in summary or not summary["spec"].get("curve"):
+                if task not in summary or not summary["specs"][task].get("curve"):
                     continue
                 curve = summary[task]["curve"]
                 x = [0] + [point[key] for point in curve]
@@ -431,43 +440,43 @@ def main():
     configs = [c for c in CONFIGS if (args.forms is None or c[0] in args.forms)
                and not (args.quick and c[1] == "uniform")]  # the smoke run: one weighting
     records, chosen, grids = {}, {}, {}
-    for loss, weighting in configs:  # 1. grid
-        # uniform weights: the beta grid at the learning rate chosen for the same form's official weights
-        lrs = [chosen[(loss, "official")]["lr"]] if weighting == "uniform" and (loss, "official") in chosen else None
-        chosen[(loss, weighting)], grids[f"{loss}/{weighting}"] = choose(study, records, loss, weighting,
-                                                                        args.workers, log, lrs)
-    report = {}  # 2. and 3.: label -> spec without task and seed
-    for spec in chosen.values():
-        # to fit the study into 2 cores: uniform weights and the exact form on the colour task only
-        if spec["weighting"] == "uniform":
-            report[label(spec)] = {**spec, "tasks": ["colour"]}
-        elif spec["loss"] == "inversion_dpo_exact":
-            report[label(spec)] = {**spec, "curve": True, "tasks": ["colour"]}
-        else:
-            report[label(spec)] = {**spec, "curve": True}
-    paper = chosen.get(("inversion_dpo", "official"))
+    for task in study.tasks:  # 1. grid, on each task: a form's best settings may differ between tasks
+        for loss, weighting in configs:
+            if task != "colour" and (loss, weighting) not in BOTH_TASKS:
+                continue
+            # uniform weights: the beta grid at the learning rate chosen for the same form's official weights
+            official = chosen.get((task, loss, "official"))
+            lrs = [official["lr"]] if weighting == "uniform" and official else None
+            chosen[(task, loss, weighting)], grids[f"{task}/{loss}/{weighting}"] = choose(
+                study, records, loss, weighting, args.workers, log, lrs, task)
+    report = {}  # 2. and 3.: label -> {task: spec}
+
+    def add(spec, curve=True):
+        report.setdefault(label(spec), {})[spec["task"]] = {**spec, "curve": curve}
+
+    for (task, loss, weighting), spec in chosen.items():
+        add(spec, curve=weighting != "uniform")
+    paper = chosen.get(("colour", "inversion_dpo", "official"))
     if paper is not None:
         for breaker in BREAKERS:  # one task answers whether the sign follows the breaker
-            report[label({**paper, "breaker": breaker})] = {**paper, "breaker": breaker, "tasks": ["colour"]}
-        official = {**paper, "loss": "inversion_dpo_official", "tasks": ["colour"]}
-        report[label(official)] = official
-    anchored = chosen.get(("inversion_dpo_x0", "official"))
-    if anchored is not None and not args.quick:
-        for count in (1,):
-            spec = {**anchored, "loss_timesteps": count, "curve": True}
-            report[label(spec)] = spec
-    specs = [{**spec, "task": task, "seed": seed} for spec in report.values() for task in spec.get("tasks", study.tasks)
-             for seed in spec.get("seeds", study.seeds)]
+            add({**paper, "breaker": breaker}, curve=False)
+        add({**paper, "loss": "inversion_dpo_official"}, curve=False)
+    for task in study.tasks:
+        anchored = chosen.get((task, "inversion_dpo_x0", "official"))
+        if anchored is not None and not args.quick:  # fewer loss timesteps per pair, for cost
+            add({**anchored, "loss_timesteps": 1})
+    specs = [{**spec, "seed": seed} for per_task in report.values() for spec in per_task.values()
+             for seed in study.seeds]
     log(f"report stage: {len(specs) * 2} runs (finished ones reused)")
     records.update(study.run_all(specs, args.workers))
-    rows = {name: summarise_config(study, records, spec) for name, spec in report.items()}
+    rows = {name: summarise_config(study, records, per_task) for name, per_task in report.items()}
 
-    reference = rows.get(label(chosen[("diffusion_dpo", "-")])) if ("diffusion_dpo", "-") in chosen else None
-    lines = write_tables(study, base, rows, reference, chosen, time.perf_counter() - started)
+    reference = rows.get(label({"loss": "diffusion_dpo"}))
+    lines = write_tables(study, base, rows, reference, time.perf_counter() - started)
     (results_dir / f"alignment{suffix}.md").write_text("\n".join(lines) + "\n")
     (results_dir / f"alignment{suffix}.json").write_text(json.dumps(
         {"base": base, "fill_seconds": study.fill_seconds, "grids": grids, "rows": rows,
-         "chosen": {f"{k[0]}/{k[1]}": v for k, v in chosen.items()},
+         "chosen": {"/".join(k): v for k, v in chosen.items()},
          "runs": {name: {"spec": r["spec"], "measures": r["measures"],
                          "metrics": {s: {k: m.get(k) for k in ("loss", "margin", "score_w", "score_l", "grad_norm",
                                                                "saturated", "implicit_accuracy", "elapsed_s")}
@@ -478,69 +487,92 @@ def main():
 
 
 def measure_base(study):
+    """Per task: its base model's preference rate (report sampling seed) and held-out denoising loss."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    marker = study.work / "base.json"
-    if not marker.is_file():
-        code = ("import json, toy_task; from pathlib import Path; p = toy_task.load_pipeline(Path(%r)); "
-                "print(json.dumps({t: toy_task.preference_rate(p, %d, t, seed=%d) for t in %r} | "
-                "{'heldout_loss': toy_task.heldout_denoising_loss(p)}))"
-                % (str(study.toy / "model"), study.samples, REPORT_SEED, list(TASKS)))
-        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
-                                check=True)
-        marker.write_text(result.stdout.strip().splitlines()[-1])
-    return json.loads(marker.read_text())
+    base = {}
+    for task in study.tasks:
+        marker = study.work / f"base_{task}.json"
+        if not marker.is_file():
+            code = ("import json, toy_task; from pathlib import Path; p = toy_task.load_pipeline(Path(%r)); "
+                    "print(json.dumps({'rate': toy_task.preference_rate(p, %d, %r, seed=%d), "
+                    "'heldout_loss': toy_task.heldout_denoising_loss(p)}))"
+                    % (str(study.model(task)), study.samples, task, REPORT_SEED))
+            result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
+                                    check=True)
+            marker.write_text(result.stdout.strip().splitlines()[-1])
+        base[task] = json.loads(marker.read_text())
+    return base
 
 
-def write_tables(study, base, rows, reference, chosen, total_seconds):
+def write_tables(study, base, rows, reference, total_seconds):
     lines = [
-        f"Toy tasks (`toy_task.py`), base model: preferred-colour rate {base['colour']:.1%} (colour), "
-        f"{base['warmcool']:.1%} (warmcool); held-out denoising loss {base['heldout_loss']:.4f}. "
+        "Toy tasks (`toy_task.py`), each with its own base model; base preferred-colour rate "
+        + ", ".join(f"{base[t]['rate']:.1%} ({t})" for t in study.tasks) + "; base held-out denoising loss "
+        + ", ".join(f"{base[t]['heldout_loss']:.4f} ({t})" for t in study.tasks) + ". "
         f"Each run: {study.steps} AdamW steps of {study.batch} pairs ({study.pairs} distinct pairs, none repeated), "
         f"10 inversion steps, guidance 1, constant lr, weight decay 1e-2 unless stated, fp32. Effect = rate after "
         f"training for the preference minus after training against it, in points, on {study.samples} samples from "
         f"sampling seed {REPORT_SEED}; mean ± 95% t-interval over training seeds {study.seeds}. (beta, lr) chosen per "
-        f"form on sampling seed {VALIDATION_SEED}, training seed 0, colour task.",
-        "",
-        "| configuration | beta | lr | colour effect | warmcool effect | colour for / against (%) | "
-        "held-out loss | held-out implicit acc. | train implicit acc. | saturated at end | s / run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"form and task on sampling seed {VALIDATION_SEED}, training seed 0.",
     ]
-    for name, summary in rows.items():
-        spec, colour = summary["spec"], summary["colour"]
-        tasks = [summary[task] for task in TASKS if task in summary]
-
-        def mean(key):
-            return np.mean([task[key] for task in tasks])
-
-        lines.append(
-            f"| {name} | {spec['beta'] if spec['beta'] is not None else '-'} | {spec['lr']:g} | "
-            f"{fmt(colour['effect'])} | {fmt(summary['warmcool']['effect']) if 'warmcool' in summary else 'not run'} | "
-            f"{'/'.join(f'{100 * v:.0f}' for v in colour['rate_for'])} vs "
-            f"{'/'.join(f'{100 * v:.0f}' for v in colour['rate_against'])} | {mean('heldout_loss'):.4f} | "
-            f"{mean('heldout_implicit_accuracy'):.2f} | {mean('train_implicit_accuracy'):.2f} | "
-            f"{mean('saturated_final'):.2f} | {mean('seconds'):.1f} |")
-    if reference is not None:
-        lines += ["", "Cost: first checkpoint whose mean effect comes within 5 points of diffusion_dpo's final mean "
-                  "effect, in training seconds (warm cache; the fill is apart) and as a fraction of diffusion_dpo's "
-                  "seconds to its final step.", "",
-                  "| configuration | task | reaches at step | seconds | fraction of diffusion_dpo's time |",
-                  "|---|---|---|---|---|"]
-        for task in TASKS:
-            if task not in reference:
+    for task in study.tasks:
+        lines += ["", f"{task} task:", "",
+                  "| configuration | beta | lr | effect | for / against (%) | held-out loss | held-out implicit acc. | "
+                  "train implicit acc. | saturated at end | s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, summary in rows.items():
+            if task not in summary:
                 continue
-            target = reference[task]["effect"][0] - 0.05
-            total = reference[task]["curve"][-1]["seconds"]
-            for name, summary in rows.items():
-                if task not in summary:
-                    continue
-                point = next((p for p in summary[task]["curve"] if p["effect"][0] >= target), None)
-                lines.append(f"| {name} | {task} | {point['step'] if point else 'never'} | "
-                             f"{point['seconds']:.1f} | {point['seconds'] / total:.2f} |" if point else
-                             f"| {name} | {task} | never | - | - |")
-    lines += ["", "Trajectory cache fill (once per task, reported apart): "
-              + ", ".join(f"{t} {s:.0f} s" for t, s in study.fill_seconds.items()) + ".",
-              f"Study time {total_seconds:.0f} s (this invocation; finished runs are reused)."]
-    return lines
+            spec, row = summary["specs"][task], summary[task]
+            lines.append(
+                f"| {name} | {spec['beta'] if spec['beta'] is not None else '-'} | {spec['lr']:g} | "
+                f"{fmt(row['effect'])} | {'/'.join(f'{100 * v:.0f}' for v in row['rate_for'])} vs "
+                f"{'/'.join(f'{100 * v:.0f}' for v in row['rate_against'])} | {row['heldout_loss']:.4f} | "
+                f"{row['heldout_implicit_accuracy']:.2f} | {row['train_implicit_accuracy']:.2f} | "
+                f"{row['saturated_final']:.2f} | {row['seconds']:.1f} |")
+    if reference is None:
+        return lines + footer(study, total_seconds)
+    lines += ["", "Cost: first checkpoint whose mean effect comes within 5 points of diffusion_dpo's final mean effect, "
+              "in training seconds (warm cache; the fill is apart) and as a fraction of diffusion_dpo's seconds to "
+              "its final step; only where diffusion_dpo's effect excludes 0.", "",
+              "| configuration | task | reaches at step | seconds | fraction of diffusion_dpo's time |",
+              "|---|---|---|---|---|"]
+    reaches = {}
+    for task in study.tasks:
+        mean, half = reference[task]["effect"]
+        if not mean - half > 0:
+            lines.append(f"| diffusion_dpo | {task} | its effect {fmt((mean, half))} does not exclude 0: no target | "
+                         "- | - |")
+            continue
+        total = reference[task]["curve"][-1]["seconds"]
+        for name, summary in rows.items():
+            if task not in summary or not summary["specs"][task].get("curve"):
+                continue
+            point = next((p for p in summary[task]["curve"] if p["effect"][0] >= mean - 0.05), None)
+            reaches[(name, task)] = point["seconds"] / total if point else None
+            lines.append(f"| {name} | {task} | {point['step']} | {point['seconds']:.1f} | {point['seconds'] / total:.2f} |"
+                         if point else f"| {name} | {task} | never | - | - |")
+    lines += ["", "The goal (an inversion form: effect at least +80 with an interval above 0 on every task, diffusion_dpo's "
+              "final effect in at most half its time, held-out loss no worse than diffusion_dpo's):", "",
+              "| configuration | " + " | ".join(f"{t}: effect >= +80, above 0" for t in study.tasks)
+              + " | time <= 1/2 of diffusion_dpo's | held-out loss <= diffusion_dpo's |",
+              "|---|" + "---|" * (len(study.tasks) + 2)]
+    for name, summary in rows.items():
+        if not name.startswith("inversion_dpo") or not all(t in summary for t in study.tasks):
+            continue
+        cells = ["yes" if summary[t]["effect"][0] >= 0.8 and summary[t]["effect"][0] - summary[t]["effect"][1] > 0
+                 else "no" for t in study.tasks]
+        fractions = [reaches.get((name, t), "n/a") for t in study.tasks if (name, t) in reaches]
+        cells.append("n/a" if not fractions else "yes" if all(f is not None and f <= 0.5 for f in fractions) else "no")
+        cells.append("yes" if all(summary[t]["heldout_loss"] <= reference[t]["heldout_loss"] for t in study.tasks)
+                     else "no")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + footer(study, total_seconds)
+
+
+def footer(study, total_seconds):
+    return ["", "Trajectory cache fill (once per task, reported apart): "
+            + ", ".join(f"{t} {s:.0f} s" for t, s in study.fill_seconds.items()) + ".",
+            f"Study time {total_seconds:.0f} s (this invocation; finished runs are reused)."]
 
 
 if __name__ == "__main__":

@@ -324,9 +324,11 @@ def run_configuration(args, mode, n, cache_dir):
         except subprocess.TimeoutExpired:
             return {"mode": mode, "N": n, "error": f"timed out after {args.timeout} s"}
         if done.returncode != 0:
-            oom = "OutOfMemoryError" in done.stderr or "out of memory" in done.stderr
-            message = "out of memory" if oom else " ".join(done.stderr.strip().splitlines()[-1:])
-            return {"mode": mode, "N": n, "error": message}
+            oom = [line for line in done.stderr.splitlines() if "out of memory" in line]
+            raised = [line for line in done.stderr.splitlines() if "Error" in line] or done.stderr.strip().splitlines()[-1:]
+            message = "out of memory" if oom else " ".join(raised[-1:])[:400]
+            # torch's own line says how much was free and what this process held: another process's memory shows
+            return {"mode": mode, "N": n, "error": message, **({"oom_detail": oom[-1].strip()[:400]} if oom else {})}
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         return {"mode": mode, "N": n, "error": "no result printed"}
