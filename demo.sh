@@ -21,7 +21,7 @@ fi
 rm -f "$DEMO_DIR/.writable"
 
 echo "== 1/3 toy model and preference pairs (built once, then reused)"
-python toy_task.py build "$DEMO_DIR"
+python toy_task.py build "$DEMO_DIR" --vae_steps "${TOY_VAE_STEPS:-120}" --unet_steps "${TOY_UNET_STEPS:-350}"
 
 echo "== 2/3 Inversion-DPO training (anchored form, 10 inversion steps, 40 optimiser steps of 8 pairs)"
 rm -rf "$DEMO_DIR/run"

@@ -83,17 +83,23 @@ def training_images(count, seed):
     return to_tensor([render(colour, rng) for colour in colours])
 
 
-def _atomic_folder(final, build):
-    """Run build(scratch) and move scratch to `final` with a completion marker; a half-built folder is never used."""
+def _atomic_folder(final, build, settings=None):
+    """Run build(scratch) and move scratch to `final` with a completion marker that records `settings`; a half-built
+    folder is never used, and a complete one is reused only if it was built with the same settings."""
     final = Path(final)
-    if (final / COMPLETE).is_file():
-        return final
+    settings = {"size": SIZE, **(settings or {})}
+    marker = final / COMPLETE
+    if marker.is_file():
+        built = json.loads(marker.read_text())
+        if {key: built.get(key) for key in settings} == settings:
+            return final
+        print(f"{final} was built with other settings ({built}); building it again with {settings}")
     scratch = final.with_name(final.name + ".incomplete")
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
     scratch.mkdir(parents=True)
     build(scratch)
-    (scratch / COMPLETE).write_text(json.dumps({"size": SIZE, "caption": CAPTION}))
+    (scratch / COMPLETE).write_text(json.dumps(settings))
     os.replace(scratch, final)
     return final
 
@@ -142,6 +148,19 @@ def caption_conditioning(pipe, captions):
     return cond, encoder.unconditional(cond)
 
 
+def lean_to_captions(x0, picks, latents, red, generator):
+    """`x0` (rows of `latents`) with each row whose caption (index `picks` into TRAINING_CAPTIONS) is in CAPTION_LEAN
+    redrawn from `latents`: a red square (`red` per latent) with the caption's probability, else a blue one."""
+    x0 = x0.clone()
+    for caption, p_red in CAPTION_LEAN.items():
+        leaning = (picks == TRAINING_CAPTIONS.index(caption)).nonzero().flatten()
+        want_red = torch.rand(len(leaning), generator=generator) < p_red
+        for colour_red in (True, False):
+            pool, picked = (red == colour_red).nonzero().flatten(), leaning[want_red == colour_red]
+            x0[picked] = latents[pool[torch.randint(0, len(pool), (len(picked),), generator=generator)]]
+    return x0
+
+
 def train_unet(pipe, latents, steps, generator, progress, red=None):
     """Denoiser training on the toy latents (epsilon prediction for the UNet; for the SD3-shaped flow, velocity
     prediction at its logit-normal training noise levels), each under a caption drawn independently of its colour,
@@ -162,12 +181,8 @@ def train_unet(pipe, latents, steps, generator, progress, red=None):
         drop = torch.rand(batch_size, generator=generator) < 0.1
         picks = torch.randint(0, len(TRAINING_CAPTIONS), (batch_size,), generator=generator)
         picks[drop] = len(TRAINING_CAPTIONS)
-        for caption, p_red in (CAPTION_LEAN.items() if red is not None else ()):  # its square's colour redrawn
-            leaning = (picks == TRAINING_CAPTIONS.index(caption)).nonzero().flatten()
-            want_red = torch.rand(len(leaning), generator=generator) < p_red
-            for colour_red in (True, False):
-                pool, picked = (red == colour_red).nonzero().flatten(), leaning[want_red == colour_red]
-                x0[picked] = latents[pool[torch.randint(0, len(pool), (len(picked),), generator=generator)]]
+        if red is not None:
+            x0 = lean_to_captions(x0, picks, latents, red, generator)
         rows = type(cond).cat([choices[k] for k in picks.tolist()])
         noisy, target = training_noise(x0, noise, level, flow)
         loss = F.mse_loss(model_prediction(model, noisy, timesteps, rows), target)
@@ -191,7 +206,8 @@ def build_model(folder, seed=0, vae_steps=200, unet_steps=700, progress=tqdm, ki
         train_unet(pipe, latents, unet_steps, generator, progress, red=is_red(images) if lean else None)
         pipe.save_pretrained(scratch)
 
-    return _atomic_folder(folder, build)
+    return _atomic_folder(folder, build, {"seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "kind": kind,
+                                          "lean": lean})
 
 
 def model_folder(out_dir, task="colour", name="model"):
@@ -231,7 +247,7 @@ def build_pairs(folder, count=512, seed=1, task="colour"):
         (scratch / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         (scratch / "pairs_swapped.jsonl").write_text("".join(json.dumps(row) + "\n" for row in swapped))
 
-    return _atomic_folder(folder, build) / "pairs.jsonl"
+    return _atomic_folder(folder, build, {"count": count, "seed": seed, "task": task}) / "pairs.jsonl"
 
 
 def load_pipeline(model_folder, run_folder=None):
@@ -312,6 +328,8 @@ def main():
     build.add_argument("out_dir")
     build.add_argument("--task", choices=TASKS, default="colour", help="which preference the pairs encode")
     build.add_argument("--kind", choices=["sdxl", "sd3"], default="sdxl", help="UNet toy, or rectified-flow toy")
+    build.add_argument("--vae_steps", type=int, default=200, help="training steps of the toy VAE (batch 32)")
+    build.add_argument("--unet_steps", type=int, default=700, help="training steps of the toy denoiser (batch 64)")
     evaluate = commands.add_parser("evaluate", help="preference rate before and after training")
     evaluate.add_argument("out_dir")
     evaluate.add_argument("run_dir")
@@ -332,7 +350,9 @@ def main():
 def run(args):
     out_dir = Path(args.out_dir)
     if args.command == "build":
-        print(f"toy model: {build_task_model(out_dir, args.task, kind=args.kind)}")
+        model = build_task_model(out_dir, args.task, kind=args.kind, vae_steps=args.vae_steps,
+                                 unet_steps=args.unet_steps)
+        print(f"toy model: {model}")
         print(f"preference pairs: {build_pairs(model_folder(out_dir, args.task, 'pairs'), task=args.task)}")
         return
     results, rows = {}, []

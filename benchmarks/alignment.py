@@ -6,10 +6,10 @@ preferred attribute after training for it minus after training against it, so wh
 of the preference (weight decay, rounding, drift after saturation) cancels. Two toy tasks (toy_task.py): "colour"
 (red preferred for "a square") and "warmcool" (red for "a warm square", blue for "a cool square", in one dataset).
 
-1. Grid (colour task, training seed 0): each form and weighting gets its own beta and learning rate, chosen by the
-   effect on validation sampling seeds (ties within 2 points: the lower held-out denoising loss); a best value on the
-   grid's edge extends the grid one step further that way.
-2. Report: the chosen settings on both tasks, training seeds 0, 1, 2, effect measured on other sampling seeds
+1. Grid (each task, training seed 0): each form and weighting gets its own beta and learning rate per task, chosen
+   by the effect on validation sampling seeds (ties within 2 points: the lower held-out denoising loss); a best value
+   on the grid's edge extends the grid one step further that way, up to twice per axis and side.
+2. Report: the chosen settings on their task, training seeds 0, 1, 2, effect measured on other sampling seeds
    along training (against optimiser steps and training seconds), mean and 95% t-interval over seeds.
 3. Factors: for the paper form, what breaks the policy/reference symmetry (weight decay, bf16 autocast, nothing);
    the released-sign form at the paper form's settings (its runs are the paper form's, mirrored); the anchored form
@@ -56,6 +56,7 @@ VALIDATION_SEED, REPORT_SEED = 1, 0  # sampling seeds
 # The symmetry breakers of the paper form (its gradient is exactly 0 while the policy equals the reference):
 # weight_decay (its default here), bf16 autocast, none, a random start (perturb), a LoRA adapter with a random B (lora)
 BREAKERS = ("bf16", "none", "perturb", "lora")
+MAX_EXTENSIONS = 2  # a best value on a grid's edge extends it that way, at most this many times per axis and side
 PERTURBATION = 1e-3  # --init_perturbation: noise std relative to each weight's RMS (absolute for LoRA's zero B)
 
 
@@ -292,12 +293,13 @@ def grid_specs(study, loss, weighting, betas, lrs, task):
 
 
 def choose(study, records, loss, weighting, workers, log, lrs=None, task="colour"):
-    """The (beta, lr) of the best validation effect on `task`, extending the grid past an edge once per axis and
-    side. `lrs`: the learning rates to try (default the study's)."""
+    """The (beta, lr) of the best validation effect on `task`, extending the grid past an edge while the best value
+    is on it (at most MAX_EXTENSIONS times per axis and side). `lrs`: the learning rates to try (default the
+    study's)."""
     kind = "trajectory" if loss in TRAJECTORY_FORMS else loss
     betas, lrs = list(study.betas[kind]), list(lrs or study.lrs)
     key = f"rate:{study.steps}:{VALIDATION_SEED}:{study.samples}"
-    extended = set()
+    extended = {}  # (axis, side) -> how many times the grid grew that way
     while True:
         specs = grid_specs(study, loss, weighting, betas, lrs, task)
         records.update(study.run_all(specs, workers))
@@ -308,23 +310,24 @@ def choose(study, records, loss, weighting, workers, log, lrs=None, task="colour
             scored.append((effect_of(records, spec, key), float(np.mean(finals)), spec))
         top = max(s[0] for s in scored)
         best = min((s for s in scored if s[0] >= top - 0.02), key=lambda s: s[1])[2]
-        grow = None
+        edges = []
         if len(betas) > 1 and best["beta"] in (betas[0], betas[-1]):
-            side = "low" if best["beta"] == betas[0] else "high"
-            if ("beta", side) not in extended:
-                grow = ("beta", side)
-                betas = [betas[0] / 10] + betas if side == "low" else betas + [betas[-1] * 10]
-        if grow is None and len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1]):
-            side = "low" if best["lr"] == lrs[0] else "high"
-            if ("lr", side) not in extended:
-                grow = ("lr", side)
-                lrs = [lrs[0] / 10] + lrs if side == "low" else lrs + [lrs[-1] * 10]
+            edges.append(("beta", "low" if best["beta"] == betas[0] else "high"))
+        if len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1]):
+            edges.append(("lr", "low" if best["lr"] == lrs[0] else "high"))
+        grow = next((edge for edge in edges if extended.get(edge, 0) < MAX_EXTENSIONS), None)
         if grow is None:
+            note = f"; on the {', '.join(f'{side} edge of {axis}' for axis, side in edges)} after extending " \
+                   f"{MAX_EXTENSIONS} times" if edges else ""
             log(f"  chosen for {loss} ({weighting}) on {task}: beta {best['beta']}, lr {best['lr']:g} "
-                f"(validation effect {effect_of(records, best, key):+.1%}; grid betas {betas}, lrs {lrs})")
-            return best, {"betas": betas, "lrs": lrs, "scores": [(s[0], s[1], s[2]) for s in scored]}
-        extended.add(grow)
-        log(f"  {loss} ({weighting}) on {task}: best on the {grow[1]} edge of {grow[0]}: extending the grid")
+                f"(validation effect {effect_of(records, best, key):+.1%}; grid betas {betas}, lrs {lrs}{note})")
+            return best, {"betas": betas, "lrs": lrs, "edges": edges,
+                          "scores": [(s[0], s[1], s[2]) for s in scored]}
+        extended[grow] = extended.get(grow, 0) + 1
+        axis, side = grow
+        values = betas if axis == "beta" else lrs
+        values[:] = [values[0] / 10] + values if side == "low" else values + [values[-1] * 10]
+        log(f"  {loss} ({weighting}) on {task}: best on the {side} edge of {axis}: extending the grid")
 
 
 def summarise_config(study, records, per_task):

@@ -257,6 +257,17 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
 
+def allocator_setting():
+    """PYTORCH_CUDA_ALLOC_CONF when set (expandable segments change what fits), for the row."""
+    value = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    return {"cuda_alloc_conf": value} if value else {}
+
+
+def phase(name):
+    """Mark on stderr what the process is doing, so that a failure's row says where it happened."""
+    print(f"PHASE {name}", file=sys.stderr, flush=True)
+
+
 def run_one(args):
     """One configuration, in this process; prints one JSON line."""
     from train_inversion_dpo import compile_model
@@ -265,7 +276,9 @@ def run_one(args):
     bench = Bench(args.config, args.mode, args.lora, args.chunk, cache_dir=args.cache_dir,
                   load_reference=not cached or args.fill_cache, resolution=args.resolution)
     short = min(args.N, 2)
+    phase("model and optimiser built")
     if args.fill_cache:
+        phase("filling the cache")
         for n in sorted({short, args.N}):
             bench.fill(n)
         return
@@ -274,6 +287,7 @@ def run_one(args):
     for model in bench.unets():
         model.register_forward_hook(lambda *_: calls.__setitem__("count", calls["count"] + 1))
 
+    phase(f"FLOP-counting warm-up step at N = {short}")
     model_flops, executed_flops = (count * args.N / short for count in bench.count_flops(short))  # also the warm-up
     warmup_seconds = None
     if args.compile:
@@ -281,12 +295,14 @@ def run_one(args):
             compile_model(model, bench.trainer_args(short, "--torch_compile"))
         bench.synchronise()
         start = time.perf_counter()
+        phase("compiling warm-up step")
         bench.step(short)  # compiles
         bench.synchronise()
         warmup_seconds = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = []
+    phase(f"timed steps at N = {args.N}")
     for _ in range(args.steps):
         calls["count"] = 0
         bench.synchronise()
@@ -302,11 +318,27 @@ def run_one(args):
               "trajectory_chunk_size": bench.setup(args.N)[0].trajectory_chunk_size,
               "flops_per_step": model_flops, "executed_flops_per_step": executed_flops,
               "gradient_checkpointing": bench.unwrapped.is_gradient_checkpointing, "compile_seconds": warmup_seconds,
-              "torch": torch.__version__}
+              "torch": torch.__version__, **allocator_setting()}
     if device.type == "cuda":
         result["mfu"] = model_flops / result["seconds_per_step"] / (args.peak_tflops * 1e12)
         result["hfu"] = executed_flops / result["seconds_per_step"] / (args.peak_tflops * 1e12)
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def failure_row(mode, n, stderr):
+    """The row of a configuration whose process failed: the error, the phase it failed in, and for an
+    out-of-memory error torch's own line (how much was free, and how much this process held)."""
+    lines = stderr.splitlines()
+    oom = [line.strip() for line in lines if "out of memory" in line]
+    raised = [line.strip() for line in lines if "Error" in line] or lines[-1:]
+    phases = [line.removeprefix("PHASE ") for line in lines if line.startswith("PHASE ")]
+    row = {"mode": mode, "N": n, "error": "out of memory" if oom else " ".join(raised[-1:])[:400],
+           **allocator_setting()}
+    if phases:
+        row["phase"] = phases[-1]
+    if oom:
+        row["oom_detail"] = oom[-1][:400]
+    return row
 
 
 def run_configuration(args, mode, n, cache_dir):
@@ -324,11 +356,7 @@ def run_configuration(args, mode, n, cache_dir):
         except subprocess.TimeoutExpired:
             return {"mode": mode, "N": n, "error": f"timed out after {args.timeout} s"}
         if done.returncode != 0:
-            oom = [line for line in done.stderr.splitlines() if "out of memory" in line]
-            raised = [line for line in done.stderr.splitlines() if "Error" in line] or done.stderr.strip().splitlines()[-1:]
-            message = "out of memory" if oom else " ".join(raised[-1:])[:400]
-            # torch's own line says how much was free and what this process held: another process's memory shows
-            return {"mode": mode, "N": n, "error": message, **({"oom_detail": oom[-1].strip()[:400]} if oom else {})}
+            return failure_row(mode, n, done.stderr)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         return {"mode": mode, "N": n, "error": "no result printed"}

@@ -115,8 +115,10 @@ def main():
              "(released form: +beta/2). Trained for red (\"for\") and for blue (\"against\"). Last columns: policy "
              "minus reference denoising error on fresh red and blue squares noised to t = 100, 500, 900, x1000.", ""]
     for name, row in study["rows"].items():
-        spec = row["spec"]
-        runs = {d: work / "runs" / name_of({**spec, "task": "colour", "seed": 0, "direction": d})
+        spec = row["specs"].get("colour")
+        if spec is None:
+            continue
+        runs = {d: work / "runs" / name_of({**spec, "seed": 0, "direction": d})
                 for d in ("for", "against")}
         if not all((r / "unet").is_dir() for r in runs.values()):
             continue

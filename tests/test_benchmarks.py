@@ -74,3 +74,16 @@ def test_step_bench_runs_the_flow_transformers(tmp_path, config):
     assert calls["count"] == 2 + 2  # K = 1: the 2 policy calls without gradient, then the 2 with
     assert 0 < model_flops < executed_flops  # gradient checkpointing recomputes the forward passes
     assert any(not torch.equal(a, b) for a, b in zip(before, bench.unwrapped.parameters()))
+
+
+def test_a_failed_configuration_row_says_what_failed_and_where():
+    from step_bench import failure_row
+
+    oom = ("PHASE model and optimiser built\nPHASE FLOP-counting warm-up step at N = 2\nTraceback (most recent call last):\n"
+           "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 50.00 MiB. GPU 0 has a total capacity of "
+           "79.18 GiB of which 46.19 MiB is free.\n")
+    row = failure_row("cached", 10, oom)
+    assert row["error"] == "out of memory" and row["phase"] == "FLOP-counting warm-up step at N = 2"
+    assert row["oom_detail"].startswith("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 50.00 MiB")
+    other = failure_row("uncached", 4, "PHASE timed steps at N = 4\nRuntimeError: shapes differ\n  more context\n")
+    assert other == {"mode": "uncached", "N": 4, "error": "RuntimeError: shapes differ", "phase": "timed steps at N = 4"}

@@ -75,6 +75,11 @@ def test_an_interrupted_build_is_never_reused_and_a_complete_one_always_is(tmp_p
     folder = toy_task._atomic_folder(tmp_path / "model", build)
     assert (folder / "weights").read_text() == "ok" and not (folder / "half-written").exists()
     assert toy_task._atomic_folder(tmp_path / "model", build) == folder and len(calls) == 1
+    # a folder built with other settings is built again, not reused
+    assert toy_task._atomic_folder(tmp_path / "model", build, {"unet_steps": 350}) == folder and len(calls) == 2
+    assert json.loads((folder / toy_task.COMPLETE).read_text())["unet_steps"] == 350
+    toy_task._atomic_folder(tmp_path / "model", build, {"unet_steps": 350})
+    assert len(calls) == 2
 
 
 def test_demo_refuses_an_unwritable_output_location(tmp_path):
@@ -137,3 +142,23 @@ def test_flow_alignment_quick_run_writes_its_outputs(tmp_path):
     from PIL import Image
 
     assert Image.open(results / "flow_alignment_quick.png").size[0] > 0
+
+
+def test_the_warmcool_toy_leans_its_captions_to_their_colours_and_leaves_the_others_alone(tmp_path):
+    # 4000 latents whose first value says which they are; even ones are red squares
+    latents = torch.arange(4000.0).reshape(4000, 1, 1, 1).expand(4000, 4, 2, 2).contiguous()
+    red = torch.arange(4000) % 2 == 0
+    generator = torch.Generator().manual_seed(0)
+    x0 = latents[torch.randint(0, 4000, (6000,), generator=generator)]
+    picks = torch.arange(6000) % 4  # "a square", "a warm square", "a cool square", unconditional (index 3)
+    leaned = toy_task.lean_to_captions(x0, picks, latents, red, generator)
+    is_red = leaned[:, 0, 0, 0].long() % 2 == 0
+    assert (leaned == leaned[:, :1, :1, :1]).all()  # whole latents, not mixed ones
+    assert torch.equal(leaned[picks % 3 == 0], x0[picks % 3 == 0])  # "a square" and unconditional rows untouched
+    for index, caption in ((1, "a warm square"), (2, "a cool square")):
+        rate, n = is_red[picks == index].float().mean().item(), int((picks == index).sum())
+        p = toy_task.CAPTION_LEAN[caption]
+        assert abs(rate - p) < 4 * (p * (1 - p) / n) ** 0.5  # 4 binomial standard deviations
+        assert set(leaned[picks == index, 0, 0, 0].tolist()) <= set(latents[:, 0, 0, 0].tolist())
+    assert toy_task.model_folder(tmp_path, "warmcool") == tmp_path / "model_warmcool"
+    assert toy_task.model_folder(tmp_path, "colour", "pairs") == tmp_path / "pairs"
