@@ -2,7 +2,9 @@
 # Inversion-DPO end to end on a CPU in a few minutes, nothing downloaded.
 #
 # 1. builds (once, reused afterwards) a toy text-to-image model: the tiny SDXL-shaped pipeline with its VAE and UNet
-#    trained here on 32x32 images of a red or a blue square, and 256 preference pairs ranking red above blue;
+#    trained here on 32x32 images of a red or a blue square (TOY_VAE_STEPS, default 120, and TOY_UNET_STEPS, default
+#    350: a shorter build than the alignment study's 200 and 700, to stay within 3 minutes on 2 CPU cores), and 512
+#    preference pairs ranking red above blue;
 # 2. trains it with train_inversion_dpo.py through accelerate, the code path of SDXL (VAE encoding, both text
 #    encoders, DDIM inversion by the reference, checkpoints) with the loss and settings that the alignment study
 #    (benchmarks/alignment.py, README "Choosing a loss") recommends: the anchored form, official weights;

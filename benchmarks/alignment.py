@@ -387,6 +387,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 2, figsize=(13, 9), sharey=True)
+    colours = {name: f"C{i % 10}" for i, name in enumerate(rows)}  # one colour per configuration in every panel
     for row, task in enumerate(TASKS):
         for column, key in enumerate(("step", "seconds")):
             ax = axes[row][column]
@@ -397,14 +398,15 @@ def plot(rows, path):
                 x = [0] + [point[key] for point in curve]
                 mean = np.array([0] + [point["effect"][0] for point in curve]) * 100
                 half = np.nan_to_num(np.array([0] + [point["effect"][1] for point in curve]) * 100)
-                line, = ax.plot(x, mean, marker="o", markersize=3, label=name)
-                ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.15)
+                ax.plot(x, mean, marker="o", markersize=3, label=name, color=colours[name])
+                ax.fill_between(x, mean - half, mean + half, color=colours[name], alpha=0.15)
             ax.axhline(0, color="grey", linewidth=0.8)
             ax.set_xlabel("optimiser steps" if key == "step" else "training seconds (warm trajectory cache)")
             ax.set_title(f"{task} task")
             ax.grid(alpha=0.3)
         axes[row][0].set_ylabel("preference effect (points; 95% interval over seeds)")
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    for row in axes:
+        row[0].legend(fontsize=7, loc="lower left")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
