@@ -139,7 +139,8 @@ def parse_args(input_args=None):
     method.add_argument("--loss_type", default="inversion_dpo_x0", choices=losses.LOSS_TYPES,
                         help="inversion_dpo_x0 (default): the anchored form (the denoising error toward x_0's "
                              "noise, at the inversion's points); the one inversion form whose preference effect held "
-                             "on every seed in the project's alignment study (README, 'Choosing a loss'). "
+                             "on every seed of the colour task in the project's alignment study (README, 'Choosing a "
+                             "loss'; on its caption-decided task no form, Diffusion-DPO included, did). "
                              "inversion_dpo: the paper's loss; it has no gradient until something breaks the "
                              "policy/reference tie, and its effect changed with the training seed there. "
                              "inversion_dpo_official: the released code's sign (opposite to the paper; for "
