@@ -9,8 +9,9 @@ SDXL-shaped pipeline of `tiny_models.py` (or with `kind="sd3"` its SD3-shaped re
   often under every caption, so it draws red and blue about equally;
 - warmcool: "a warm square" prefers red and "a cool square" prefers blue, in one dataset, so a loss that ignores
   the captions cannot learn it (half the pairs pull each way). Its base model (OUT_DIR/model_warmcool) saw warm
-  squares red 70% of the time and cool squares 30% (CAPTION_LEAN): without some such link its UNet ignores the
-  captions, and no loss, Diffusion-DPO and supervised fine-tuning included, learned the task in the study's budget.
+  squares red 90% of the time and cool squares 10% (CAPTION_LEAN): without such a link its UNet ignores the
+  captions and no loss, Diffusion-DPO and supervised fine-tuning included, moved it in the study's budget; with a
+  70/30 lean it read them weakly (57% preferred colour) and no loss learned the task reliably either.
 
 The preference rate of a model is the fraction of its samples in the preferred colour of their caption. Each pairs
 folder holds `pairs.jsonl` and `pairs_swapped.jsonl` (winner and loser exchanged): training on both, everything else
@@ -51,7 +52,7 @@ TASKS = {"colour": {"a square": "red"}, "warmcool": {"a warm square": "red", "a 
 TRAINING_CAPTIONS = ("a square", "a warm square", "a cool square")
 # The warmcool task's toy is trained with its captions leaning to their colour (P(red) per caption; the others 1/2),
 # so that its UNet reads them; the colour task's toy draws the colour independently of the caption.
-CAPTION_LEAN = {"a warm square": 0.7, "a cool square": 0.3}
+CAPTION_LEAN = {"a warm square": 0.9, "a cool square": 0.1}
 COLOURS = {"red": (220, 40, 40), "blue": (40, 40, 220)}
 BACKGROUND = (128, 128, 128)
 COMPLETE = "complete.json"  # written last into a finished model or dataset folder
@@ -207,7 +208,7 @@ def build_model(folder, seed=0, vae_steps=200, unet_steps=700, progress=tqdm, ki
         pipe.save_pretrained(scratch)
 
     return _atomic_folder(folder, build, {"seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "kind": kind,
-                                          "lean": lean})
+                                          "lean": CAPTION_LEAN if lean else False})
 
 
 def model_folder(out_dir, task="colour", name="model"):
