@@ -127,6 +127,8 @@ class PromptEncoder:
     (the default for SD1.x/2.x).
     """
 
+    kind = "unet"
+
     def __init__(self, tokenizers, text_encoders, zero_unconditional=None):
         if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
             raise ValueError(
@@ -137,6 +139,7 @@ class PromptEncoder:
         self.text_encoders = list(text_encoders)
         self.is_sdxl = len(text_encoders) == 2
         self.zero_unconditional = self.is_sdxl if zero_unconditional is None else zero_unconditional
+        self._empty = None  # the empty caption's (prompt_embeds, pooled)
 
     @property
     def device(self):
@@ -186,7 +189,9 @@ class PromptEncoder:
         if self.zero_unconditional:
             pooled = None if cond.pooled_prompt_embeds is None else torch.zeros_like(cond.pooled_prompt_embeds)
             return Conditioning(torch.zeros_like(cond.prompt_embeds), pooled, cond.time_ids)
-        prompt_embeds, pooled = self._embed([""])
+        if self._empty is None:  # encoded once: the trainer asks every step
+            self._empty = self._embed([""])
+        prompt_embeds, pooled = self._empty
         batch = len(cond)
         pooled = None if pooled is None else pooled.expand(batch, -1)
         return Conditioning(prompt_embeds.expand(batch, -1, -1), pooled, cond.time_ids)
@@ -496,12 +501,26 @@ class Trajectory:
     schedule: the `InversionSchedule` or `FlowSchedule` it was inverted on.
     noise_at_end: (B, N, C, H, W) float32 or None, the reference's prediction at x_i: the reference term of the exact
         and anchored forms.
+    reference_errors: None, or {target: (B, N) float32}: the reference's squared error at x_i (mean over elements)
+        against each loss target, "step" (e_i / v_i: the exact form) and "anchored" (eps^_i / v^_i). All the exact
+        and anchored forms need of the reference: a few numbers per step instead of a prediction.
     """
 
     latents: torch.Tensor
     noise: torch.Tensor
     schedule: "InversionSchedule | FlowSchedule"
     noise_at_end: torch.Tensor | None = None
+    reference_errors: dict | None = None
+
+    @classmethod
+    def from_noise(cls, latents, noise, schedule):
+        """The trajectory that starts at x_0 = `latents` (B, C, H, W) and moves along `noise` (B, N, ...): the same
+        steps as `invert_path`, so stored noise rebuilds the inverted points bit for bit. float32."""
+        points = [latents.float()]
+        noise = noise.float()
+        for i in range(schedule.num_steps):
+            points.append(schedule.step(points[-1], noise[:, i], i))
+        return cls(torch.stack(points, 1), noise, schedule)
 
     @property
     def num_steps(self):
@@ -522,7 +541,9 @@ class Trajectory:
     def select(self, index):
         """The trajectories of the images at `index`."""
         at_end = None if self.noise_at_end is None else self.noise_at_end[index]
-        return replace(self, latents=self.latents[index], noise=self.noise[index], noise_at_end=at_end)
+        errors = None if self.reference_errors is None else {k: v[index] for k, v in self.reference_errors.items()}
+        return replace(self, latents=self.latents[index], noise=self.noise[index], noise_at_end=at_end,
+                       reference_errors=errors)
 
 
 def predict_on_trajectory(unet, trajectory, cond, uncond, guidance_scale, at="start", steps=None, chunk_size=None):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 WEIGHTINGS = ("official", "uniform")
 LOSS_TYPES = ("inversion_dpo", "inversion_dpo_official", "inversion_dpo_exact", "inversion_dpo_x0", "diffusion_dpo",
               "sft")
+LOSS_STEP_SAMPLINGS = ("uniform", "weighted", "stratified")  # how --loss_timesteps draws its steps
 SATURATION_MARGIN = 5.0  # |margin| above this: sigmoid within 0.7% of 0 or 1, the pair's gradient nearly gone
 
 
@@ -57,6 +58,46 @@ def flow_timestep_weights(sigmas, weighting):
     if weighting == "uniform":
         return torch.ones_like(sigmas)
     return ((1 - sigmas) ** 2 + sigmas**2) / 2
+
+
+def draw_loss_steps(weights, count, sampling, generator=None):
+    """Draw `count` (M) of the N steps at which to evaluate S, and the weight each gets in the estimate
+    (METHOD.md section 8): with steps i_1..i_M drawn with probabilities p_i,
+
+        S^ = (1/M) sum_m w_{i_m} d_{i_m} / (N p_{i_m})        unbiased for S = (1/N) sum_i w_i d_i.
+
+    uniform: M distinct steps, every subset equally likely (S^ = (1/M) sum w_i d_i).
+    weighted: M independent draws with p_i = w_i / W (W = sum_j w_j): S^ = (W / N) (1/M) sum_m d_{i_m}.
+    stratified: the N steps split into M consecutive blocks (sizes differing by at most 1), one step from each
+        block b with probability w_i / W_b inside it: S^ = sum_b (W_b / N) d_{i_b}.
+
+    Returns (steps (K,) int64 ascending and distinct, estimate_weights (K,) float32) such that
+    `trajectory_score(errors[:, steps], ..., estimate_weights)` = (1/K) sum_k estimate_weights_k d_k is S^
+    (a step drawn twice by "weighted" is evaluated once, with twice the weight). count >= N with uniform or
+    stratified draws gives every step with its own weight: S exactly.
+    """
+    check_choice("loss timestep sampling", sampling, LOSS_STEP_SAMPLINGS)
+    weights = torch.as_tensor(weights, dtype=torch.float32).cpu()
+    num_steps = len(weights)
+    if count < 1:
+        raise ValueError(f"draw at least one loss step, got {count}")
+    if bool((weights <= 0).any()):
+        raise ValueError("every step weight must be positive to be drawn")
+    if sampling != "weighted" and count >= num_steps:
+        return torch.arange(num_steps), weights.clone()
+    if sampling == "uniform":
+        steps = torch.randperm(num_steps, generator=generator)[:count].sort().values
+        return steps, weights[steps]
+    if sampling == "weighted":
+        drawn = torch.multinomial(weights, count, replacement=True, generator=generator)
+        steps, times = drawn.unique(return_counts=True)
+        # coefficient of step i in S^: times_i * W / (N M); K times that is its estimate weight
+        return steps, times.float() * weights.sum() / (num_steps * count) * len(steps)
+    blocks = torch.arange(num_steps).tensor_split(count)
+    picks = [block[torch.multinomial(weights[block], 1, generator=generator)] for block in blocks]
+    steps = torch.cat(picks)
+    totals = torch.stack([weights[block].sum() for block in blocks])
+    return steps, totals / num_steps * count
 
 
 def squared_error(prediction, target, batch_dims=1):

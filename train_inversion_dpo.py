@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from inversion import (
     invert,
     model_prediction,
     predict_on_trajectory,
+    sdxl_time_ids,
     draw_training_levels,
     flow_training_sigmas,
     training_alphas,
@@ -155,8 +156,9 @@ def parse_args(input_args=None):
                              "says 1, timesteps 1, 13, ..., 949 at N = 80). The released code used 0 (0, 12, ..., "
                              "948): give 0 to reproduce it.")
     method.add_argument("--inversion_guidance_scale", type=float, default=2.0,
-                        help="Classifier-free guidance for inversion and for the policy along the trajectory; "
-                             "1 runs the conditional branch only (half the compute).")
+                        help="Classifier-free guidance of the reference's inversion (and, unless "
+                             "--loss_guidance_scale says otherwise, of the loss's predictions); 1 runs the "
+                             "conditional branch only (half the compute).")
     method.add_argument("--timestep_weighting", default="official", choices=losses.WEIGHTINGS,
                         help="official: w_i = 1/(2 a(tau_i)); uniform: w_i = 1.")
     method.add_argument("--trajectory_chunk_size", type=int, default=1,
@@ -165,14 +167,31 @@ def parse_args(input_args=None):
                              "one extra pass without gradient. K >= N holds all N steps in one graph, as released.")
 
     method.add_argument("--loss_timesteps", type=int, default=None,
-                        help="Evaluate the policy at a random subset of M of the N steps per update (default: all). "
-                             "The subset's (1/M) sum w_i(...) is an unbiased estimate of S; the loss of that "
-                             "estimate is not an unbiased estimate of the loss.")
+                        help="Evaluate the policy at M of the N steps per pair and update, drawn by "
+                             "--loss_timestep_sampling (default: all N). Each draw's estimate of S is unbiased; the "
+                             "loss of that estimate is not an unbiased estimate of the loss (README, 'What a step "
+                             "costs').")
+    method.add_argument("--loss_timestep_sampling", default="uniform", choices=losses.LOSS_STEP_SAMPLINGS,
+                        help="How --loss_timesteps draws its M steps (the same for a pair's winner and loser): "
+                             "uniform (M distinct steps, equally likely); weighted (M draws with probability "
+                             "proportional to the step's weight w_i, each term divided by its probability); "
+                             "stratified (one step from each of M consecutive blocks of the schedule, proportional "
+                             "to w_i inside its block). METHOD.md section 8.")
+    method.add_argument("--loss_guidance_scale", type=float, default=None,
+                        help="Classifier-free guidance of the policy's and reference's predictions in the exact and "
+                             "anchored losses (default: --inversion_guidance_scale). 1 compares the conditional "
+                             "predictions alone, as Diffusion-DPO does: one model pass per trajectory point instead "
+                             "of two, whatever guidance the inversion followed. FLUX: its guidance embedding. The "
+                             "paper forms compare with the inversion's own predictions, so they take the inversion's.")
 
     cache = parser.add_argument_group("trajectory cache (see trajectory_cache.py)")
     cache.add_argument("--inversion_cache_dir", default=None,
-                       help="Keep inversion trajectories here and reuse them across epochs and runs; entries are "
-                            "keyed by the image latents, caption conditioning, reference weights and settings.")
+                       help="Keep what a step needs that does not depend on the policy here, and reuse it across "
+                            "epochs, runs and sweeps: each image's latent and caption conditioning (keyed by its "
+                            "pixels after crop and flip, caption, size ids and the encoders' weights) and its "
+                            "inversion trajectory with the reference's errors (keyed by that, the reference's "
+                            "weights and the settings). Warm, a step runs the policy alone (diffusion_dpo: the "
+                            "policy and reference, no VAE or text encoder).")
     cache.add_argument("--inversion_cache_dtype", default="bfloat16", choices=["bfloat16", "float32"],
                        help="bfloat16 halves the disk and rounds the stored noise; float32 reproduces an uncached "
                             "run bit for bit.")
@@ -276,6 +295,17 @@ def validate_args(parser, args):
     if args.loss_timesteps is not None and not 1 <= args.loss_timesteps <= args.num_inference_steps:
         parser.error(f"--loss_timesteps {args.loss_timesteps} must be from 1 to --num_inference_steps "
                      f"({args.num_inference_steps})")
+    if args.loss_timestep_sampling != "uniform" and args.loss_timesteps is None:
+        parser.error("--loss_timestep_sampling draws the steps of --loss_timesteps M; give --loss_timesteps too")
+    if args.loss_guidance_scale is None:
+        args.loss_guidance_scale = args.inversion_guidance_scale
+    elif args.loss_type in PAPER_FORMS and args.loss_guidance_scale != args.inversion_guidance_scale:
+        parser.error(f"--loss_type {args.loss_type} compares the policy with the inversion's own predictions, so its "
+                     "loss guidance is --inversion_guidance_scale; drop --loss_guidance_scale or use "
+                     "--loss_type inversion_dpo_x0 or inversion_dpo_exact")
+    if args.loss_type in NOISING_FORMS and (args.loss_timesteps is not None or args.loss_timestep_sampling != "uniform"):
+        parser.error(f"--loss_timesteps draws inversion steps; --loss_type {args.loss_type} draws one noise level per "
+                     "pair itself")
     compile_flags = [f"--{name}" for name in ("torch_compile_backend", "torch_compile_mode")
                      if getattr(args, name) is not None]
     if compile_flags and not args.torch_compile:
@@ -292,8 +322,6 @@ def validate_args(parser, args):
         parser.error("--trajectory_chunk_size must be at least 1")
     if args.fill_inversion_cache and not args.inversion_cache_dir:
         parser.error("--fill_inversion_cache needs --inversion_cache_dir")
-    if args.inversion_cache_dir and args.loss_type in NOISING_FORMS:
-        parser.error(f"--inversion_cache_dir caches inversions; --loss_type {args.loss_type} runs none")
     if args.streaming and args.max_train_steps is None and not args.fill_inversion_cache:
         parser.error("--streaming datasets have no length: give --max_train_steps")
     if args.use_adafactor and args.use_8bit_adam:
@@ -431,6 +459,24 @@ def inversion_scheduler_config(args, scheduler_config):
     return config
 
 
+def make_cache(args, models, inversion_config, schedule, weight_dtype, vae_dtype):
+    """The trajectory cache, keyed by fingerprints of the weights as they compute: the VAE and text encoders (for the
+    encodings) and the reference, the base denoiser as loaded in weight_dtype (for the trajectories)."""
+    kind, vae = models["kind"], models["vae"]
+    encoders = dict(kind=kind, vae=weights_fingerprint(vae, vae_dtype), scaling_factor=vae.config.scaling_factor,
+                    shift_factor=getattr(vae.config, "shift_factor", None), max_sequence_length=args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(kind),
+                    text_encoders=[None if encoder is None else weights_fingerprint(encoder, weight_dtype)
+                                   for encoder in models["text_encoders"]])
+    settings = dict(num_steps=args.num_inference_steps, guidance=args.inversion_guidance_scale,
+                    loss_guidance=args.loss_guidance_scale,
+                    scheduler={k: v for k, v in inversion_config.items() if not k.startswith("_")},
+                    zero_unconditional=kind == "sdxl")
+    if kind in FLOW_KINDS:
+        settings.update(kind=kind, sigmas=schedule.sigmas.tolist())
+    return TrajectoryCache(args.inversion_cache_dir, weights_fingerprint(models["denoiser"], weight_dtype), settings,
+                           args.inversion_cache_dtype, encoders)
+
+
 def load_reference(args, kind, device, dtype):
     """Full fine-tune: a second, frozen copy of the base model, kept on the device in the mixed-precision dtype."""
     _, subfolder, model_class = MODEL_KINDS[kind]
@@ -554,9 +600,24 @@ def loss_targets(args, trajectories):
     return trajectories.noise
 
 
+def target_name(args):
+    """Which of the reference's stored errors (trajectory_cache.REFERENCE_TARGETS) the loss compares with."""
+    return "anchored" if args.loss_type == "inversion_dpo_x0" else "step"
+
+
+def reference_errors(args, reference, trajectories, cond, uncond):
+    """{target: (rows, N)}: the reference's squared error at every x_i under the loss guidance, against e_i ("step")
+    and eps^_i ("anchored"). N reference passes per image (twice each with guidance), no gradient."""
+    with torch.no_grad(), reference.context():
+        prediction = predict_on_trajectory(reference.model, trajectories, cond, uncond, args.loss_guidance_scale,
+                                           at="end", chunk_size=args.trajectory_chunk_size)
+    return {"step": losses.squared_error(prediction, trajectories.noise, batch_dims=2),
+            "anchored": losses.squared_error(prediction, trajectories.anchored_target(), batch_dims=2)}
+
+
 def policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps):
     """(rows, K) squared errors of the policy against `targets` at the trajectory points of `steps`."""
-    prediction = predict_on_trajectory(policy, trajectories, cond, uncond, args.inversion_guidance_scale, at=at,
+    prediction = predict_on_trajectory(policy, trajectories, cond, uncond, args.loss_guidance_scale, at=at,
                                        steps=steps, chunk_size=args.trajectory_chunk_size)
     return losses.squared_error(prediction, targets[:, steps], batch_dims=2)
 
@@ -564,7 +625,8 @@ def policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps):
 def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weights, generator):
     """An Inversion-DPO loss and its gradient. `trajectories`, `cond`, `uncond`: the B winners, then the B losers.
 
-    The policy is evaluated at every step, or at --loss_timesteps steps drawn by `generator`. With
+    The policy is evaluated at every step, or at --loss_timesteps steps drawn by `generator` as
+    --loss_timestep_sampling says, each weighted so that the score is unbiased (`losses.draw_loss_steps`). With
     --trajectory_chunk_size K below that count the gradient is computed chunk by chunk: pass 1 takes every policy
     error without gradient, the loss, and dL/d(error) for each (image, step); pass 2 recomputes K steps at a time
     with gradient and backpropagates sum(dL/d(error) * error). Same gradient as one graph, memory of one chunk; under
@@ -572,17 +634,16 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
     """
     at = "end" if args.loss_type in AT_END_FORMS else "start"
     targets = loss_targets(args, trajectories)
-    num_steps = trajectories.num_steps
-    steps = torch.arange(num_steps)
-    if args.loss_timesteps is not None and args.loss_timesteps < num_steps:
-        steps = torch.randperm(num_steps, generator=generator)[: args.loss_timesteps].sort().values
-    step_weights = weights[steps.to(weights.device)]
+    steps, step_weights = torch.arange(trajectories.num_steps), weights
+    if args.loss_timesteps is not None:
+        steps, step_weights = losses.draw_loss_steps(weights, args.loss_timesteps, args.loss_timestep_sampling,
+                                                     generator)
+        step_weights = step_weights.to(weights.device)
 
     def loss_of(errors):
         errors_w, errors_l = errors.chunk(2)
         if args.loss_type in AT_END_FORMS:
-            reference_errors = losses.squared_error(trajectories.noise_at_end[:, steps], targets[:, steps], 2)
-            reference_w, reference_l = reference_errors.chunk(2)
+            reference_w, reference_l = trajectories.reference_errors[target_name(args)][:, steps].chunk(2)
             loss_fn = losses.inversion_dpo_exact if args.loss_type == "inversion_dpo_exact" else losses.inversion_dpo_x0
             return loss_fn(errors_w, reference_w, errors_l, reference_l, step_weights, args.beta_dpo)
         loss_fn = losses.inversion_dpo if args.loss_type == "inversion_dpo" else losses.inversion_dpo_official
@@ -611,9 +672,9 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
 def noising_loss(args, accelerator, policy, reference, latents_w, latents_l, cond, train_levels, generator):
     """diffusion_dpo and sft: one random training noise level per pair (DDPM: t uniform; flows: the model's
     logit-normal training density), the same noise for winner and loser; errors against eps (DDPM) or the velocity
-    eps - x_0 (flows). FLUX takes --inversion_guidance_scale as its guidance embedding here too."""
+    eps - x_0 (flows). FLUX takes --loss_guidance_scale as its guidance embedding."""
     flow = cond.kind != "unet"
-    guidance = args.inversion_guidance_scale if cond.kind == "flux" else None
+    guidance = args.loss_guidance_scale if cond.kind == "flux" else None
     device = latents_w.device
     levels, timesteps = draw_training_levels(train_levels, latents_w.shape[0], flow, generator)
     noise = torch.randn(latents_w.shape, generator=generator).to(device)
@@ -1040,14 +1101,7 @@ def main(args):
     schedule = make_schedule(args, models, inversion_config)
     cache = None
     if args.inversion_cache_dir:
-        # The reference is the base model as loaded, computing in weight_dtype: fingerprint it before any training.
-        settings = dict(num_steps=args.num_inference_steps, guidance=args.inversion_guidance_scale,
-                        scheduler={k: v for k, v in inversion_config.items() if not k.startswith("_")},
-                        zero_unconditional=kind == "sdxl")
-        if kind in FLOW_KINDS:
-            settings.update(kind=kind, sigmas=schedule.sigmas.tolist())
-        cache = TrajectoryCache(args.inversion_cache_dir, weights_fingerprint(denoiser, weight_dtype), settings,
-                                args.inversion_cache_dtype)
+        cache = make_cache(args, models, inversion_config, schedule, weight_dtype, vae_dtype)  # before any training
         if args.random_crop:
             logger.warning("--random_crop with --inversion_cache_dir: every new crop is a new cache entry")
     if args.use_lora:
@@ -1235,46 +1289,77 @@ def main(args):
     end_processes(accelerator)
 
 
-def image_conditioning(args, prompt_encoder, batch, image):
-    """The captions' conditioning with the time_ids (original size, crop) of the winners ("w") or losers ("l")."""
-    return prompt_encoder.encode(batch["captions"], batch[f"original_sizes_{image}"], batch[f"crop_top_lefts_{image}"],
-                                 (args.resolution, args.resolution))
-
-
 def pair_conditioning(args, prompt_encoder, batch):
-    """Winner rows then loser rows: they share the caption; SDXL's time_ids (original size, crop) can differ, the
-    other models' conditioning is the caption's alone, encoded once."""
-    cond_w = image_conditioning(args, prompt_encoder, batch, "w")
-    cond_l = image_conditioning(args, prompt_encoder, batch, "l") if cond_w.time_ids is not None else cond_w
-    cond = Conditioning.cat([cond_w, cond_l])
-    return cond, prompt_encoder.unconditional(cond)
+    """The captions' conditioning for the winner rows, then the loser rows: they share the caption, encoded once;
+    SDXL's time_ids (original size, crop) are each image's own."""
+    target = (args.resolution, args.resolution)
+    cond_w = prompt_encoder.encode(batch["captions"], batch["original_sizes_w"], batch["crop_top_lefts_w"], target)
+    cond_l = cond_w
+    if cond_w.time_ids is not None:
+        time_ids = sdxl_time_ids(batch["original_sizes_l"], batch["crop_top_lefts_l"], target)
+        cond_l = replace(cond_w, time_ids=time_ids.to(cond_w.time_ids.device))
+    return Conditioning.cat([cond_w, cond_l])
 
 
-def invert_pairs(args, reference, latents, cond, uncond, schedule, cache):
-    """Trajectories of `latents` under the reference: read from the cache when it holds them, else inverted."""
-    with_noise_at_end = args.loss_type in AT_END_FORMS
+def image_keys(args, cache, batch):
+    """The cache's encoding key of each image, winners then losers: its pixels (after crop and flip), caption and,
+    for SDXL's time_ids, original size, crop and target size."""
+    keys = []
+    for role in ("w", "l"):
+        for b, caption in enumerate(batch["captions"]):
+            ids = [batch[f"original_sizes_{role}"][b].tolist(), batch[f"crop_top_lefts_{role}"][b].tolist(),
+                   args.resolution]
+            keys.append(cache.image_key(batch[f"pixel_values_{role}"][b], caption, ids))
+    return keys
+
+
+def encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys):
+    """Latents x_0 (2B, C, H, W) and conditioning of the winners, then the losers: from the cache's encodings when it
+    holds them (no VAE, no text encoder), else encoded."""
+
+    def encode(rows):
+        pixels = torch.cat([batch["pixel_values_w"], batch["pixel_values_l"]])
+        return encode_images(vae, pixels)[rows], pair_conditioning(args, prompt_encoder, batch).select(rows)
+
+    if cache is None:
+        return encode(slice(None))
+    return cache.encodings(keys, encode, prompt_encoder.kind, accelerator.device)
+
+
+def invert_pairs(args, reference, latents, cond, uncond, schedule, cache=None, keys=None):
+    """Trajectories of `latents` under the reference, with the reference's errors for the exact and anchored forms:
+    read from the cache (`keys`: each image's encoding key) when it holds them, else computed."""
 
     def invert_rows(rows):
         with reference.context():
             return invert(reference.model, latents[rows], cond.select(rows),
-                          None if uncond is None else uncond.select(rows), schedule, args.inversion_guidance_scale,
-                          with_noise_at_end=with_noise_at_end, chunk_size=args.trajectory_chunk_size)
+                          None if uncond is None else uncond.select(rows), schedule, args.inversion_guidance_scale)
 
+    def errors_of(trajectories, rows):
+        return reference_errors(args, reference, trajectories, cond.select(rows),
+                                None if uncond is None else uncond.select(rows))
+
+    errors = errors_of if args.loss_type in AT_END_FORMS else None
     if cache is None:
-        return invert_rows(slice(None))
-    return cache.trajectories(latents, cond, schedule, with_noise_at_end, invert_rows)
+        trajectories = invert_rows(slice(None))
+        if errors:
+            trajectories.reference_errors = errors(trajectories, slice(None))
+        return trajectories
+    return cache.trajectories(keys, latents, schedule, invert_rows, errors)
 
 
 def fill_cache(args, accelerator, dataloader, reference, prompt_encoder, vae, schedule, cache):
-    """--fill_inversion_cache: one pass over the data (each process its share), storing every trajectory."""
+    """--fill_inversion_cache: one pass over the data (each process its share), storing every image's encoding and,
+    for the trajectory forms, its trajectory."""
     from tqdm.auto import tqdm
 
     for batch in tqdm(dataloader, desc="filling the trajectory cache", disable=not accelerator.is_local_main_process):
         if not batch["captions"]:
             continue
-        latents = torch.cat([encode_images(vae, batch["pixel_values_w"]), encode_images(vae, batch["pixel_values_l"])])
-        cond, uncond = pair_conditioning(args, prompt_encoder, batch)
-        invert_pairs(args, reference, latents, cond, uncond, schedule, cache)
+        keys = image_keys(args, cache, batch)
+        latents, cond = encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys)
+        if args.loss_type not in NOISING_FORMS:
+            invert_pairs(args, reference, latents, cond, prompt_encoder.unconditional(cond), schedule, cache, keys)
     accelerator.wait_for_everyone()
     logger.info("trajectory cache %s filled on process %d: %s", args.inversion_cache_dir, accelerator.process_index,
                 cache.summary())
@@ -1282,16 +1367,18 @@ def fill_cache(args, accelerator, dataloader, reference, prompt_encoder, vae, sc
 
 def training_step(args, accelerator, model, reference, prompt_encoder, vae, batch, schedule, weights, train_levels,
                   generator, cache):
-    """Encode, invert (reference, no gradient), evaluate the policy, backpropagate. Returns the `LossOutput`.
+    """Encode, invert (reference, no gradient), evaluate the policy, backpropagate. Returns the `LossOutput`. With a
+    warm cache the first two are reads, and the step runs the policy alone (diffusion_dpo: with the reference).
 
     `generator` draws the noise and timesteps of diffusion_dpo and sft, and the --loss_timesteps subset."""
-    latents_w = encode_images(vae, batch["pixel_values_w"])
-    latents_l = encode_images(vae, batch["pixel_values_l"])
+    keys = None if cache is None else image_keys(args, cache, batch)
+    latents, cond = encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys)
     if args.loss_type in NOISING_FORMS:
-        cond_w = image_conditioning(args, prompt_encoder, batch, "w")
+        latents_w, latents_l = latents.chunk(2)
+        cond_w = cond.select(slice(0, len(latents_w)))  # the winner's time_ids for both, as Diffusion-DPO
         return noising_loss(args, accelerator, model, reference, latents_w, latents_l, cond_w, train_levels, generator)
-    cond, uncond = pair_conditioning(args, prompt_encoder, batch)
-    trajectories = invert_pairs(args, reference, torch.cat([latents_w, latents_l]), cond, uncond, schedule, cache)
+    uncond = prompt_encoder.unconditional(cond)
+    trajectories = invert_pairs(args, reference, latents, cond, uncond, schedule, cache, keys)
     return trajectory_loss(args, accelerator, model, trajectories, cond, uncond, weights, generator)
 
 

@@ -137,6 +137,7 @@ class Bench:
         self.cond = self.cond.to(self.device)
         self.uncond = None if self.uncond is None else self.uncond.to(self.device)
         self.latents = torch.randn(2, 4 if self.kind == "sdxl" else 16, side, side).to(self.device)
+        self.keys = ["winner", "loser"]  # the cache's keys for the two images (the trainer hashes pixels and captions)
 
         self.reference_unet = None
         if lora:
@@ -204,14 +205,15 @@ class Bench:
         from train_inversion_dpo import invert_pairs
 
         args, schedule, _, cache = self.setup(num_steps)
-        invert_pairs(args, self.reference, self.latents, self.cond, self.uncond, schedule, cache)
+        invert_pairs(args, self.reference, self.latents, self.cond, self.uncond, schedule, cache, self.keys)
 
     def step(self, num_steps):
         """One optimiser step: trajectories (inverted, or read from the cache), the loss and its gradient, AdamW."""
         from train_inversion_dpo import invert_pairs, trajectory_loss
 
         args, schedule, weights, cache = self.setup(num_steps)
-        trajectories = invert_pairs(args, self.reference, self.latents, self.cond, self.uncond, schedule, cache)
+        trajectories = invert_pairs(args, self.reference, self.latents, self.cond, self.uncond, schedule, cache,
+                                    self.keys)
         trajectory_loss(args, self.accelerator, self.policy, trajectories, self.cond, self.uncond, weights,
                         torch.Generator())
         self.optimizer.step()

@@ -52,7 +52,8 @@ def trainer_step(args, sdxl_pipe, pairs, policy, rows=slice(None), cache=None, r
     weights = timestep_weights(pairs["schedule"].alphas[1:], args.timestep_weighting)
     reference = reference or Reference(load=lambda: sdxl_pipe.unet)
     cond, uncond = pairs["cond"].select(index), pairs["uncond"].select(index)
-    trajectories = invert_pairs(args, reference, pairs["latents"][index], cond, uncond, pairs["schedule"], cache)
+    keys = [f"image {int(i)}" for i in index]  # the cache's encoding key of each image
+    trajectories = invert_pairs(args, reference, pairs["latents"][index], cond, uncond, pairs["schedule"], cache, keys)
     policy.zero_grad(set_to_none=True)
     output = trajectory_loss(args, Accelerator(cpu=True), policy, trajectories, cond, uncond, weights, None)
     gradient = [p.grad for p in policy.parameters() if p.grad is not None]

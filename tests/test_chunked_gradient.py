@@ -8,7 +8,8 @@ from accelerate import Accelerator
 
 import losses
 from inversion import Conditioning, InversionSchedule, PromptEncoder, invert
-from train_inversion_dpo import parse_args, trajectory_loss
+from train_inversion_dpo import (Reference, loss_targets, parse_args, policy_errors, reference_errors,
+                                 trajectory_loss)
 
 
 def gradient(policy, args, micro_batches, weights):
@@ -31,8 +32,10 @@ def micro_batches(sdxl_pipe):
         cond_l = encoder.encode(captions, [[64, 80]] * 2, [[0, 8]] * 2, (64, 64))
         cond = Conditioning.cat([cond_w, cond_l])
         uncond = encoder.unconditional(cond)
-        trajectories = invert(sdxl_pipe.unet, torch.randn(4, 4, 8, 8), cond, uncond, schedule, 2.0,
-                                   with_noise_at_end=True)
+        trajectories = invert(sdxl_pipe.unet, torch.randn(4, 4, 8, 8), cond, uncond, schedule, 2.0)
+        trajectories.reference_errors = reference_errors(trainer_args("inversion_dpo_x0"),
+                                                         Reference(load=lambda: sdxl_pipe.unet), trajectories, cond,
+                                                         uncond)
         batches.append((trajectories, cond, uncond))
     return batches, losses.timestep_weights(schedule.alphas[1:], "official")
 
@@ -121,3 +124,26 @@ def test_loss_timesteps_subset_is_an_unbiased_estimate_of_the_score(micro_batche
     assert len(distinct) == 15
     eps = torch.finfo(torch.float32).eps
     torch.testing.assert_close(torch.stack(list(distinct.values())).mean(0), full, rtol=64 * eps, atol=0)
+
+
+@pytest.mark.parametrize("sampling", ["weighted", "stratified"])
+def test_drawn_steps_enter_the_score_with_their_estimate_weights(micro_batches, policy, sampling):
+    """The trainer evaluates the drawn steps, the same for winner and loser, and weights each as the draw says:
+    score = mean over pairs of (1/K) sum_k estimate_weight_k (E_k(theta) - E_k(ref)), with the per-step errors
+    taken here at every step (one step per call, as the trainer's chunk size 1 takes them)."""
+    (trajectories, cond, uncond), weights = micro_batches[0][0], micro_batches[1]
+    every = trainer_args("inversion_dpo_x0", "--trajectory_chunk_size", "1")
+    with torch.no_grad():
+        errors = policy_errors(policy, trajectories, loss_targets(every, trajectories), cond, uncond, every, "end",
+                               torch.arange(NUM_STEPS))
+    differences = errors - trajectories.reference_errors["anchored"]
+    args = trainer_args("inversion_dpo_x0", "--loss_timesteps", "3", "--loss_timestep_sampling", sampling,
+                        "--trajectory_chunk_size", "1")
+    for seed in range(4):
+        output = trajectory_loss(args, Accelerator(cpu=True), policy, trajectories, cond, uncond, weights,
+                                 torch.Generator().manual_seed(seed))
+        policy.zero_grad(set_to_none=True)
+        steps, estimate_weights = losses.draw_loss_steps(weights, 3, sampling, torch.Generator().manual_seed(seed))
+        scores = (differences[:, steps] * estimate_weights).mean(-1)
+        torch.testing.assert_close(output.metrics["score_w"], scores[:2].mean(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(output.metrics["score_l"], scores[2:].mean(), rtol=1e-6, atol=0)

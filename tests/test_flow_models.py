@@ -15,7 +15,7 @@ from inversion import (
     invert,
     model_prediction,
 )
-from train_inversion_dpo import parse_args, step_weights, trajectory_loss
+from train_inversion_dpo import Reference, parse_args, reference_errors, step_weights, trajectory_loss
 
 CAPTIONS = ["a red square", "two blue circles"]
 MAX_TOKENS = 16
@@ -131,7 +131,9 @@ def inverted(models):
         uncond = encoder.unconditional(cond)
         schedule = FlowSchedule.for_pipeline(kind, pipe.scheduler.config, NUM_STEPS, latent_size=8)
         latents = torch.randn(4, 16, 8, 8)
-        trajectories = invert(reference, latents, cond, uncond, schedule, GUIDANCE[kind], with_noise_at_end=True)
+        trajectories = invert(reference, latents, cond, uncond, schedule, GUIDANCE[kind])
+        trajectories.reference_errors = reference_errors(trainer_args("inversion_dpo_x0", kind),
+                                                         Reference(load=lambda: reference), trajectories, cond, uncond)
         out[kind] = dict(pipe=pipe, reference=reference, cond=cond, uncond=uncond, schedule=schedule,
                          trajectories=trajectories, weights=step_weights(schedule, "official"))
     return out

@@ -272,15 +272,30 @@ def test_filled_float32_cache_trains_exactly_like_no_cache(tiny_sdxl_path, pairs
     uncached_run = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "uncached", *args))
     assert "loading the reference UNet" in uncached_run.stderr
     launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "fill", *args, *cache, "--fill_inversion_cache"))
-    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 16  # 8 pairs, winner and loser
+    # 8 pairs, winner and loser, an encoding and a trajectory each
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 32
     assert not (tmp_path / "fill" / "unet").exists()  # filling trains nothing
     cached_run = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "cached", *args, *cache))
     assert "loading the reference UNet" not in cached_run.stderr  # every trajectory was on disk
     metrics = read_metrics(tmp_path / "cached")
-    assert metrics[-1]["cache_misses"] == 0 and metrics[-1]["cache_hits"] == 8  # 2 steps x 2 pairs x 2 images
+    for kind in ("cache", "encoding_cache"):  # 2 steps x 2 pairs x 2 images, no VAE or text encoder either
+        assert metrics[-1][f"{kind}_misses"] == 0 and metrics[-1][f"{kind}_hits"] == 8
     uncached, cached = unet_weights(tmp_path / "uncached"), unet_weights(tmp_path / "cached")
     assert changed(unet_weights(tiny_sdxl_path), cached)
     assert changed(uncached, cached) == []
+
+
+def test_diffusion_dpo_from_cached_encodings_trains_exactly_like_computing_them(tiny_sdxl_path, pairs_dir, tmp_path):
+    """The fair opponent: Diffusion-DPO reads latents and caption embeddings from the cache (its maths unchanged)."""
+    args = ["--loss_type", "diffusion_dpo", "--learning_rate", "1e-4", "--inversion_cache_dir", str(tmp_path / "cache")]
+    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "cold", *args))
+    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "warm", *args))
+    cold, warm = read_metrics(tmp_path / "cold")[-1], read_metrics(tmp_path / "warm")[-1]
+    assert (cold["encoding_cache_misses"], warm["encoding_cache_misses"], warm["encoding_cache_hits"]) == (8, 0, 8)
+    assert cold["cache_hits"] == cold["cache_misses"] == 0  # no trajectories for a noising form
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 8  # the images of the 2 steps' pairs
+    assert changed(unet_weights(tmp_path / "cold"), unet_weights(tmp_path / "warm")) == []
+    assert changed(unet_weights(tiny_sdxl_path), unet_weights(tmp_path / "warm"))
 
 
 def sdxl_sh(env, *flags):
@@ -327,7 +342,9 @@ def test_sdxl_sh_stops_at_once_when_the_dataset_is_gone(tiny_sdxl_path, tmp_path
     (["--trajectory_chunk_size", "0"], "--trajectory_chunk_size must be at least 1"),
     (["--loss_timesteps", "81"], "--loss_timesteps 81 must be from 1 to --num_inference_steps (80)"),
     (["--fill_inversion_cache"], "--fill_inversion_cache needs --inversion_cache_dir"),
-    (["--inversion_cache_dir", "c", "--loss_type", "sft"], "--loss_type sft runs none"),
+    (["--loss_timestep_sampling", "weighted"], "draws the steps of --loss_timesteps M; give --loss_timesteps too"),
+    (["--loss_type", "sft", "--loss_timesteps", "2"], "--loss_type sft draws one noise level per pair itself"),
+    (["--loss_type", "inversion_dpo", "--loss_guidance_scale", "1"], "drop --loss_guidance_scale or use"),
     (["--torch_compile_mode", "max-autotune"], "--torch_compile_mode given without --torch_compile"),
     (["--torch_compile", "--torch_compile_backend", "eager", "--torch_compile_mode", "max-autotune"],
      "--torch_compile_mode applies to the inductor backend only"),
