@@ -171,12 +171,13 @@ def parse_args(input_args=None):
                              "--loss_timestep_sampling (default: all N). Each draw's estimate of S is unbiased; the "
                              "loss of that estimate is not an unbiased estimate of the loss (README, 'What a step "
                              "costs').")
-    method.add_argument("--loss_timestep_sampling", default="uniform", choices=losses.LOSS_STEP_SAMPLINGS,
+    method.add_argument("--loss_timestep_sampling", default=None, choices=losses.LOSS_STEP_SAMPLINGS,
                         help="How --loss_timesteps draws its M steps (the same for a pair's winner and loser): "
-                             "uniform (M distinct steps, equally likely); weighted (M draws with probability "
-                             "proportional to the step's weight w_i, each term divided by its probability); "
-                             "stratified (one step from each of M consecutive blocks of the schedule, proportional "
-                             "to w_i inside its block). METHOD.md section 8.")
+                             "stratified (the default: one step from each of M consecutive blocks of the schedule, "
+                             "proportional to w_i inside its block); weighted (M draws with probability proportional "
+                             "to the step's weight w_i, each term divided by its probability; at M = 1 the same "
+                             "draw as stratified); uniform (M distinct steps, equally likely: the draw before "
+                             "stratified became the default). METHOD.md section 8; README, 'What a step costs'.")
     method.add_argument("--loss_guidance_scale", type=float, default=None,
                         help="Classifier-free guidance of the policy's and reference's predictions in the exact and "
                              "anchored losses (default: --inversion_guidance_scale). 1 compares the conditional "
@@ -295,15 +296,17 @@ def validate_args(parser, args):
     if args.loss_timesteps is not None and not 1 <= args.loss_timesteps <= args.num_inference_steps:
         parser.error(f"--loss_timesteps {args.loss_timesteps} must be from 1 to --num_inference_steps "
                      f"({args.num_inference_steps})")
-    if args.loss_timestep_sampling != "uniform" and args.loss_timesteps is None:
+    if args.loss_timestep_sampling is not None and args.loss_timesteps is None:
         parser.error("--loss_timestep_sampling draws the steps of --loss_timesteps M; give --loss_timesteps too")
+    if args.loss_timesteps is not None and args.loss_timestep_sampling is None:
+        args.loss_timestep_sampling = "stratified"
     if args.loss_guidance_scale is None:
         args.loss_guidance_scale = args.inversion_guidance_scale
     elif args.loss_type in PAPER_FORMS and args.loss_guidance_scale != args.inversion_guidance_scale:
         parser.error(f"--loss_type {args.loss_type} compares the policy with the inversion's own predictions, so its "
                      "loss guidance is --inversion_guidance_scale; drop --loss_guidance_scale or use "
                      "--loss_type inversion_dpo_x0 or inversion_dpo_exact")
-    if args.loss_type in NOISING_FORMS and (args.loss_timesteps is not None or args.loss_timestep_sampling != "uniform"):
+    if args.loss_type in NOISING_FORMS and args.loss_timesteps is not None:
         parser.error(f"--loss_timesteps draws inversion steps; --loss_type {args.loss_type} draws one noise level per "
                      "pair itself")
     compile_flags = [f"--{name}" for name in ("torch_compile_backend", "torch_compile_mode")

@@ -153,8 +153,8 @@ class Study:
         if spec["loss"] in TRAJECTORY_FORMS + ("inversion_dpo_official",):
             flags += ["--timestep_weighting", spec["weighting"], "--inversion_cache_dir",
                       str(self.cache_dir(spec["task"])), "--inversion_cache_dtype", "float32"]
-        if spec.get("loss_timesteps"):
-            flags += ["--loss_timesteps", str(spec["loss_timesteps"])]
+        if spec.get("loss_timesteps"):  # the study's one-step runs drew uniformly (the default draw since: stratified)
+            flags += ["--loss_timesteps", str(spec["loss_timesteps"]), "--loss_timestep_sampling", "uniform"]
         breaker = spec.get("breaker", "weight_decay")
         flags += ["--adam_weight_decay", "1e-2" if breaker == "weight_decay" else "0",
                   "--mixed_precision", "bf16" if breaker == "bf16" else "no"]

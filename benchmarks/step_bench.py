@@ -131,7 +131,7 @@ def mode_error(loss_type, mode, loss_timesteps=None):
 
 
 def trainer_argv(kind, resolution, mode, chunk, num_steps, loss_type="inversion_dpo", loss_timesteps=None,
-                 loss_timestep_sampling="uniform", loss_guidance_scale=None):
+                 loss_timestep_sampling=None, loss_guidance_scale=None):
     """The trainer's command line for one configuration (num_steps None: Diffusion-DPO's step, no inversion)."""
     argv = ["--pretrained_model_name_or_path", "unused", "--dataset_name", "unused", "--loss_type", loss_type,
             "--resolution", str(resolution), "--inversion_guidance_scale", str(GUIDANCE[kind])]
@@ -140,7 +140,8 @@ def trainer_argv(kind, resolution, mode, chunk, num_steps, loss_type="inversion_
         argv += ["--num_inference_steps", str(num_steps), "--trajectory_chunk_size", str(k)]
     if loss_timesteps is not None:
         argv += ["--loss_timesteps", str(loss_timesteps)]
-    argv += ["--loss_timestep_sampling", loss_timestep_sampling]  # without M, the trainer refuses any but uniform
+    if loss_timestep_sampling is not None:  # the trainer refuses a draw without M
+        argv += ["--loss_timestep_sampling", loss_timestep_sampling]
     if loss_guidance_scale is not None:
         argv += ["--loss_guidance_scale", str(loss_guidance_scale)]
     return argv
@@ -171,7 +172,7 @@ class Bench:
 
     def __init__(self, config, mode, lora=False, chunk=1, cache_dir=None, load_reference=True, device=None,
                  resolution=None, gradient_checkpointing=None, loss_type="inversion_dpo", loss_timesteps=None,
-                 loss_timestep_sampling="uniform", loss_guidance_scale=None):
+                 loss_timestep_sampling=None, loss_guidance_scale=None):
         from accelerate import Accelerator
 
         from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
@@ -483,7 +484,9 @@ def configuration_trainer_args(args, mode, n):
 
 def loss_flags(args):
     """The loss flags of the command line, for the per-configuration processes."""
-    flags = ["--loss_type", args.loss_type, "--loss_timestep_sampling", args.loss_timestep_sampling]
+    flags = ["--loss_type", args.loss_type]
+    if args.loss_timestep_sampling is not None:
+        flags += ["--loss_timestep_sampling", args.loss_timestep_sampling]
     if args.loss_timesteps is not None:
         flags += ["--loss_timesteps", str(args.loss_timesteps)]
     if args.loss_guidance_scale is not None:
@@ -541,8 +544,8 @@ def main():
                              "tables).")
     parser.add_argument("--loss_timesteps", type=int, default=None,
                         help="The trainer's --loss_timesteps M: the policy at M of the N steps (trajectory forms).")
-    parser.add_argument("--loss_timestep_sampling", default="uniform", choices=LOSS_STEP_SAMPLINGS,
-                        help="The trainer's --loss_timestep_sampling (with --loss_timesteps).")
+    parser.add_argument("--loss_timestep_sampling", default=None, choices=LOSS_STEP_SAMPLINGS,
+                        help="The trainer's --loss_timestep_sampling (with --loss_timesteps; default stratified).")
     parser.add_argument("--loss_guidance_scale", type=float, default=None,
                         help="The trainer's --loss_guidance_scale (default: the inversion's guidance).")
     parser.add_argument("--inversion_steps", type=int, nargs="+", default=[10, 20, 40, 80], help="Values of N.")
