@@ -314,8 +314,8 @@ def test_sdxl_sh_runs_the_released_recipe_with_overrides(tiny_sdxl_path, pairs_d
     expected = dict(mixed_precision="bf16", use_adafactor=True, scale_lr=True, gradient_checkpointing=True,
                     beta_dpo=2000.0, inversion_guidance_scale=2.0, lr_scheduler="constant_with_warmup",
                     checkpointing_steps=200, loss_type="inversion_dpo_x0", sdxl=True, learning_rate=1e-5,
-                    num_inference_steps=3, resolution=64)
-    assert {key: config[key] for key in expected} == expected
+                    num_inference_steps=3, resolution=64, loss_timesteps=1, loss_timestep_sampling="stratified")
+    assert {key: config[key] for key in expected} == expected  # one loss step per block of about 10: 1 of 3
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
 
