@@ -380,6 +380,15 @@ def fmt(effect):
     return f"{100 * mean:+.1f}" + ("" if np.isnan(half) else f" ± {100 * half:.1f}")
 
 
+def plot_effect(ax, curve, key, **line):
+    """One configuration's effect curve (points) against `key` of its checkpoints, from 0, with its 95% band."""
+    x = [0] + [point[key] for point in curve]
+    mean = np.array([0] + [point["effect"][0] for point in curve]) * 100
+    half = np.nan_to_num(np.array([0] + [point["effect"][1] for point in curve]) * 100)
+    drawn, = ax.plot(x, mean, marker="o", markersize=3, **line)
+    ax.fill_between(x, mean - half, mean + half, color=drawn.get_color(), alpha=0.15)
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -394,12 +403,7 @@ def plot(rows, path):
             for name, summary in rows.items():
                 if task not in summary or not summary["specs"][task].get("curve"):
                     continue
-                curve = summary[task]["curve"]
-                x = [0] + [point[key] for point in curve]
-                mean = np.array([0] + [point["effect"][0] for point in curve]) * 100
-                half = np.nan_to_num(np.array([0] + [point["effect"][1] for point in curve]) * 100)
-                ax.plot(x, mean, marker="o", markersize=3, label=name, color=colours[name])
-                ax.fill_between(x, mean - half, mean + half, color=colours[name], alpha=0.15)
+                plot_effect(ax, summary[task]["curve"], key, label=name, color=colours[name])
             ax.axhline(0, color="grey", linewidth=0.8)
             ax.set_xlabel("optimiser steps" if key == "step" else "training seconds (warm trajectory cache)")
             ax.set_title(f"{task} task")

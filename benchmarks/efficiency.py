@@ -595,12 +595,8 @@ def plot(report, path):
     for ax_row, (toy, rows) in zip(axes, report.items()):
         for ax, (key, title) in zip(ax_row, axes_of):
             for name, row in rows.items():
-                x = [0] + [point[key] for point in row["curve"]]
-                mean = np.array([0] + [point["effect"][0] for point in row["curve"]]) * 100
-                half = np.nan_to_num(np.array([0] + [point["effect"][1] for point in row["curve"]]) * 100)
-                ax.plot(x, mean, marker="o", markersize=3, label=f"{name} ({', '.join(row['roles'])})",
-                        color=colours[name])
-                ax.fill_between(x, mean - half, mean + half, color=colours[name], alpha=0.15)
+                alignment.plot_effect(ax, row["curve"], key, label=f"{name} ({', '.join(row['roles'])})",
+                                      color=colours[name])
             ax.axhline(0, color="grey", linewidth=0.8)
             ax.set_xlabel(title)
             ax.set_title(f"{toy} toy")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import toy_task  # noqa: E402
-from alignment import RESULTS, fmt, interval, run_trainer  # noqa: E402
+from alignment import RESULTS, fmt, interval, plot_effect, run_trainer  # noqa: E402
 
 GRID = {"inversion_dpo_x0": (5.0, 50.0, 500.0), "diffusion_dpo": (50.0, 500.0, 5000.0)}
 LEARNING_RATE = 1e-4
@@ -224,11 +224,7 @@ def plot(rows, path):
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, key in zip(axes, ("step", "seconds")):
         for form, row in rows.items():
-            x = [0] + [point[key] for point in row["curve"]]
-            mean = np.array([0] + [point["effect"][0] for point in row["curve"]]) * 100
-            half = np.nan_to_num(np.array([0] + [point["effect"][1] for point in row["curve"]]) * 100)
-            line, = ax.plot(x, mean, marker="o", markersize=3, label=f"{form} (beta {row['beta']:g})")
-            ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.15)
+            plot_effect(ax, row["curve"], key, label=f"{form} (beta {row['beta']:g})")
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xlabel("optimiser steps" if key == "step" else "training seconds (warm trajectory cache)")
         ax.grid(alpha=0.3)
