@@ -7,7 +7,8 @@
 #    preference pairs ranking red above blue;
 # 2. trains it with train_inversion_dpo.py through accelerate, the code path of SDXL (VAE encoding, both text
 #    encoders, DDIM inversion by the reference, checkpoints) with the loss and settings that the alignment study
-#    (benchmarks/alignment.py, README "Choosing a loss") recommends: the anchored form, official weights;
+#    (benchmarks/alignment.py, README "Choosing a loss") recommends: the anchored form, official weights, the policy
+#    at one stratified-drawn step of the 10 per pair (benchmarks/efficiency.py, README "What a step costs");
 # 3. samples the base and the tuned model from the same seeds and prints the fraction of red squares.
 #
 # DEMO_DIR chooses where everything goes (default demo_output/); extra arguments go to the trainer.
@@ -25,7 +26,7 @@ rm -f "$DEMO_DIR/.writable"
 echo "== 1/3 toy model and preference pairs (built once, then reused)"
 python toy_task.py build "$DEMO_DIR" --vae_steps "${TOY_VAE_STEPS:-120}" --unet_steps "${TOY_UNET_STEPS:-350}"
 
-echo "== 2/3 Inversion-DPO training (anchored form, 10 inversion steps, 40 optimiser steps of 8 pairs)"
+echo "== 2/3 Inversion-DPO training (anchored form, 10 inversion steps, 1 loss step per pair, 40 optimiser steps of 8 pairs)"
 rm -rf "$DEMO_DIR/run"
 python -m accelerate.commands.launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
   --dynamo_backend no train_inversion_dpo.py \
@@ -33,7 +34,7 @@ python -m accelerate.commands.launch --cpu --num_processes 1 --num_machines 1 --
   --dataset_name "$DEMO_DIR/pairs/pairs.jsonl" \
   --output_dir "$DEMO_DIR/run" \
   --resolution 32 --no_hflip \
-  --loss_type inversion_dpo_x0 --num_inference_steps 10 --inversion_guidance_scale 1 --trajectory_chunk_size 10 \
+  --loss_type inversion_dpo_x0 --num_inference_steps 10 --inversion_guidance_scale 1 --loss_timesteps 1 \
   --beta_dpo 50 --learning_rate 1e-4 --lr_scheduler constant \
   --train_batch_size 8 --max_train_steps 40 --checkpointing_steps 20 \
   --report_to none --seed 0 "$@"

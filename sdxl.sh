@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Inversion-DPO on SDXL with the released recipe. Run it on a GPU node from the repository root.
+# Inversion-DPO on SDXL with the released recipe, the loss anchored and evaluated at 8 of the 80 inversion steps
+# (LOSS_TIMESTEPS below). Run it on a GPU node from the repository root.
 #
 # Change any value through its environment variable, or append flags (they come last, so they win):
 #   DATASET_NAME=/data/pickapic_v2 OUTPUT_DIR=runs/paper bash sdxl.sh --loss_type inversion_dpo
