@@ -467,7 +467,8 @@ def make_cache(args, models, inversion_config, schedule, weight_dtype, vae_dtype
     encodings) and the reference, the base denoiser as loaded in weight_dtype (for the trajectories)."""
     kind, vae = models["kind"], models["vae"]
     encoders = dict(kind=kind, vae=weights_fingerprint(vae, vae_dtype), scaling_factor=vae.config.scaling_factor,
-                    shift_factor=getattr(vae.config, "shift_factor", None), max_sequence_length=args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(kind),
+                    shift_factor=getattr(vae.config, "shift_factor", None),
+                    max_sequence_length=args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(kind),
                     text_encoders=[None if encoder is None else weights_fingerprint(encoder, weight_dtype)
                                    for encoder in models["text_encoders"]])
     settings = dict(num_steps=args.num_inference_steps, guidance=args.inversion_guidance_scale,
@@ -1320,9 +1321,9 @@ def encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys):
     """Latents x_0 (2B, C, H, W) and conditioning of the winners, then the losers: from the cache's encodings when it
     holds them (no VAE, no text encoder), else encoded."""
 
-    def encode(rows):
-        pixels = torch.cat([batch["pixel_values_w"], batch["pixel_values_l"]])
-        return encode_images(vae, pixels)[rows], pair_conditioning(args, prompt_encoder, batch).select(rows)
+    def encode(rows):  # the VAE on the winners, then the losers: the peak memory of B images, not 2B
+        latents = torch.cat([encode_images(vae, batch["pixel_values_w"]), encode_images(vae, batch["pixel_values_l"])])
+        return latents[rows], pair_conditioning(args, prompt_encoder, batch).select(rows)
 
     if cache is None:
         return encode(slice(None))
