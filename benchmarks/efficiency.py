@@ -14,11 +14,13 @@ is the difference of the two red rates.
    Diffusion-DPO's encodings; each fill's seconds are that loss's fill cost.
 2. Candidates (training seed 0, validation sampling seed 1): the anchored form at all N = 10 steps; at M in {1, 2, 4}
    steps per pair with each sampling, N = 10; at M = 2, stratified, N = 20. Chosen per toy: the first to come within
-   5 points of Diffusion-DPO's final validation effect, in training seconds (none does: the highest final effect).
+   5 points of Diffusion-DPO's final validation effect, in training seconds (if none does: the highest final
+   effect).
 3. Report (training seeds 0, 1, 2; sampling seed 0): Diffusion-DPO, the all-steps form, the chosen candidate and each
    M = 1 candidate: effect against optimiser steps, pairs seen and training seconds (mean, 95% t-interval),
-   held-out denoising loss, the goal (Diffusion-DPO's final effect within 5 points with an interval above 0, in at
-   most half its training seconds, held-out loss no worse), and the end-to-end cost with the fills, with the number
+   held-out denoising loss along training, the goal (Diffusion-DPO's final effect within 5 points with an interval
+   above 0, in at most half its training seconds, held-out loss at that checkpoint no worse than Diffusion-DPO's
+   final one; after all steps shown beside it), and the end-to-end cost with the fills, with the number
    of epochs or sweep runs after which a fill has paid for itself against Diffusion-DPO.
 
 Each run: 40 AdamW steps of 8 pairs (512 distinct pairs, none repeated), a checkpoint every 5, guidance 1, constant
