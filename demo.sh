@@ -8,7 +8,8 @@
 # 2. trains it with train_inversion_dpo.py through accelerate, the code path of SDXL (VAE encoding, both text
 #    encoders, DDIM inversion by the reference, checkpoints) with the loss and settings that the alignment study
 #    (benchmarks/alignment.py, README "Choosing a loss") recommends: the anchored form, official weights, the policy
-#    at one stratified-drawn step of the 10 per pair (benchmarks/efficiency.py, README "What a step costs");
+#    at one stratified-drawn step of the 10 per pair (benchmarks/efficiency.py, README "What a step costs"), beta
+#    from the trainer's rule (40 / the reference's error on the first batch; README "Settings that transfer");
 # 3. samples the base and the tuned model from the same seeds and prints the fraction of red squares.
 #
 # DEMO_DIR chooses where everything goes (default demo_output/); extra arguments go to the trainer.
@@ -35,7 +36,7 @@ python -m accelerate.commands.launch --cpu --num_processes 1 --num_machines 1 --
   --output_dir "$DEMO_DIR/run" \
   --resolution 32 --no_hflip \
   --loss_type inversion_dpo_x0 --num_inference_steps 10 --inversion_guidance_scale 1 --loss_timesteps 1 \
-  --beta_dpo 50 --learning_rate 1e-4 --lr_scheduler constant \
+  --learning_rate 1e-4 --lr_scheduler constant \
   --train_batch_size 8 --max_train_steps 40 --checkpointing_steps 20 \
   --report_to none --seed 0 "$@"
 

@@ -24,7 +24,9 @@ NUM_INFERENCE_STEPS="${NUM_INFERENCE_STEPS-28}"
 LOSS_TIMESTEPS="${LOSS_TIMESTEPS-$(( (NUM_INFERENCE_STEPS + 9) / 10 ))}"
 INVERSION_GUIDANCE_SCALE="${INVERSION_GUIDANCE_SCALE-3.5}"
 MAX_SEQUENCE_LENGTH="${MAX_SEQUENCE_LENGTH-512}"
-BETA_DPO="${BETA_DPO-2000}"
+# Empty: the anchored form's rule, beta = 40 / R with R the reference's own error on the first batch (README,
+# "Settings that transfer"); a number sets beta (the released recipe's is 2000; other --loss_type values default to it).
+BETA_DPO="${BETA_DPO-}"
 RANK="${RANK-8}"
 LEARNING_RATE="${LEARNING_RATE-1e-5}"
 LR_WARMUP_STEPS="${LR_WARMUP_STEPS-0}"
@@ -47,7 +49,7 @@ accelerate launch --mixed_precision "$MIXED_PRECISION" $ACCELERATE_ARGS train_in
   --inversion_guidance_scale "$INVERSION_GUIDANCE_SCALE" \
   --max_sequence_length "$MAX_SEQUENCE_LENGTH" \
   --loss_type inversion_dpo_x0 \
-  --beta_dpo "$BETA_DPO" \
+  ${BETA_DPO:+--beta_dpo "$BETA_DPO"} \
   --use_lora --rank "$RANK" \
   --learning_rate "$LEARNING_RATE" \
   --lr_scheduler constant_with_warmup --lr_warmup_steps "$LR_WARMUP_STEPS" \

@@ -13,6 +13,7 @@ A pair whose margin is positive is "implicitly correct": the policy fits the win
 relative to the reference.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,24 @@ def draw_loss_steps(weights, count, sampling, generator=None):
     steps = torch.cat(picks)
     totals = torch.stack([weights[block].sum() for block in blocks])
     return steps, totals / num_steps * count
+
+
+def reference_scale(reference_errors, weights):
+    """R = mean over images of (1/N) sum_i w_i E_i(ref): the weighted error the reference itself makes on the
+    trajectories, the natural unit of a score S. (rows, N) errors, (N,) weights -> scalar."""
+    weights = torch.as_tensor(weights, dtype=torch.float32, device=reference_errors.device)
+    return (reference_errors.float() * weights).mean()
+
+
+def relative_beta(kappa, scale):
+    """beta = kappa / R: the DPO temperature that makes a margin of kappa/2 mean "the policy fits the winner better
+    than the loser by one reference error R". A kappa carries over between models, resolutions, schedules, step
+    weightings and forms, where a beta in absolute units does not (the anchored form's default rule)."""
+    scale = float(scale)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"the reference's error scale must be positive and finite to set beta from it, got {scale}; "
+                         "give --beta_dpo explicitly")
+    return kappa / scale
 
 
 def squared_error(prediction, target, batch_dims=1):

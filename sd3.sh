@@ -24,7 +24,9 @@ LOSS_TIMESTEPS="${LOSS_TIMESTEPS-$(( (NUM_INFERENCE_STEPS + 9) / 10 ))}"
 INVERSION_GUIDANCE_SCALE="${INVERSION_GUIDANCE_SCALE-2}"
 MAX_SEQUENCE_LENGTH="${MAX_SEQUENCE_LENGTH-256}"
 NO_T5="${NO_T5-}"
-BETA_DPO="${BETA_DPO-2000}"
+# Empty: the anchored form's rule, beta = 40 / R with R the reference's own error on the first batch (README,
+# "Settings that transfer"); a number sets beta (the released recipe's is 2000; other --loss_type values default to it).
+BETA_DPO="${BETA_DPO-}"
 USE_LORA="${USE_LORA-1}"
 RANK="${RANK-8}"
 if [ -n "$USE_LORA" ]; then
@@ -55,7 +57,7 @@ accelerate launch --mixed_precision "$MIXED_PRECISION" $ACCELERATE_ARGS train_in
   --max_sequence_length "$MAX_SEQUENCE_LENGTH" \
   ${NO_T5:+--no_t5} \
   --loss_type inversion_dpo_x0 \
-  --beta_dpo "$BETA_DPO" \
+  ${BETA_DPO:+--beta_dpo "$BETA_DPO"} \
   "${OPTIMISER[@]}" \
   --learning_rate "$LEARNING_RATE" \
   --lr_scheduler constant_with_warmup --lr_warmup_steps "$LR_WARMUP_STEPS" \

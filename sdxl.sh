@@ -7,7 +7,7 @@
 # The loss is the trainer's default, the anchored form (inversion_dpo_x0): in the project's alignment study it was the
 # inversion form whose preference effect held on every seed (README, "Choosing a loss"). The released run's loss:
 #   bash sdxl.sh --loss_type inversion_dpo_official --inversion_steps_offset 0      (the paper's sign: inversion_dpo)
-# BETA_DPO and LEARNING_RATE are the released ones; the toy study's values do not carry over to SDXL.
+# LEARNING_RATE is the released one; beta follows the reference's error scale (BETA_DPO below).
 # The released launcher's flags (--sdxl, --variant, --cache_dir, --cache_dir_model, --dataloader_num_workers) are
 # accepted, so a released command line works with only the script name changed. Set VAE= or VARIANT= (empty) to
 # leave those flags out. Several GPUs: put accelerate's flags in ACCELERATE_ARGS, e.g. "--multi_gpu --num_processes 8".
@@ -27,7 +27,9 @@ NUM_INFERENCE_STEPS="${NUM_INFERENCE_STEPS-80}"
 # toys one such step per pair reached Diffusion-DPO's effect in under half its time, every seed); LOSS_TIMESTEPS=
 # (empty) evaluates every step, as released.
 LOSS_TIMESTEPS="${LOSS_TIMESTEPS-$(( (NUM_INFERENCE_STEPS + 9) / 10 ))}"
-BETA_DPO="${BETA_DPO-2000}"
+# Empty: the anchored form's rule, beta = 40 / R with R the reference's own error on the first batch (README,
+# "Settings that transfer"); a number sets beta (the released recipe's is 2000; other --loss_type values default to it).
+BETA_DPO="${BETA_DPO-}"
 LEARNING_RATE="${LEARNING_RATE-1e-8}"
 LR_WARMUP_STEPS="${LR_WARMUP_STEPS-1000}"
 MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS-2000}"
@@ -49,7 +51,7 @@ accelerate launch --mixed_precision "$MIXED_PRECISION" $ACCELERATE_ARGS train_in
   --num_inference_steps "$NUM_INFERENCE_STEPS" \
   ${LOSS_TIMESTEPS:+--loss_timesteps "$LOSS_TIMESTEPS"} \
   --inversion_guidance_scale 2 \
-  --beta_dpo "$BETA_DPO" \
+  ${BETA_DPO:+--beta_dpo "$BETA_DPO"} \
   --learning_rate "$LEARNING_RATE" --scale_lr \
   --lr_scheduler constant_with_warmup --lr_warmup_steps "$LR_WARMUP_STEPS" \
   --max_train_steps "$MAX_TRAIN_STEPS" \

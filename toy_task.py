@@ -48,13 +48,15 @@ from tiny_models import build_tiny_sd3, build_tiny_sdxl
 
 SIZE = 32
 CAPTION = "a square"
-TASKS = {"colour": {"a square": "red"}, "warmcool": {"a warm square": "red", "a cool square": "blue"}}
+TASKS = {"colour": {"a square": "red"}, "warmcool": {"a warm square": "red", "a cool square": "blue"},
+         "background": {"a square": "light"}, "count": {"a square": "two"}, "position": {"a square": "left"}}
 TRAINING_CAPTIONS = ("a square", "a warm square", "a cool square")
 # The warmcool task's toy is trained with its captions leaning to their colour (P(red) per caption; the others 1/2),
 # so that its UNet reads them; the colour task's toy draws the colour independently of the caption.
 CAPTION_LEAN = {"a warm square": 0.9, "a cool square": 0.1}
 COLOURS = {"red": (220, 40, 40), "blue": (40, 40, 220)}
 BACKGROUND = (128, 128, 128)
+SHADES = {"light": (200, 200, 200), "dark": (64, 64, 64)}  # the background task's two backgrounds
 COMPLETE = "complete.json"  # written last into a finished model or dataset folder
 MAX_TOKENS = 16  # T5 tokens of the SD3-shaped toy's captions (train_inversion_dpo.py --max_sequence_length 16)
 
@@ -68,6 +70,40 @@ def render(colour, rng):
     return image
 
 
+def render_background(shade, rng):
+    """One 32x32 image: a red or blue square of side 10-16 px at a random place on a light or dark background."""
+    image = Image.new("RGB", (SIZE, SIZE), SHADES[shade])
+    side = int(rng.integers(10, 17))
+    top, left = (int(v) for v in rng.integers(0, SIZE - side + 1, size=2))
+    image.paste(COLOURS[str(rng.choice(["red", "blue"]))], (left, top, left + side, top + side))
+    return image
+
+
+def render_count(count, rng):
+    """One 32x32 image: one or two squares (side 8-11 px, each red or blue) on grey, two at least 3 px apart."""
+    image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    placed = []
+    while len(placed) < {"one": 1, "two": 2}[count]:
+        side = int(rng.integers(8, 12))
+        top, left = (int(v) for v in rng.integers(0, SIZE - side + 1, size=2))
+        box = (left, top, left + side, top + side)
+        if all(box[0] >= b[2] + 3 or b[0] >= box[2] + 3 or box[1] >= b[3] + 3 or b[1] >= box[3] + 3 for b in placed):
+            placed.append(box)
+    for box in placed:
+        image.paste(COLOURS[str(rng.choice(["red", "blue"]))], box)
+    return image
+
+
+def render_position(half, rng):
+    """One 32x32 image: a red or blue square of side 8-14 px on grey, wholly in the left or the right half."""
+    image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    side = int(rng.integers(8, 15))
+    top = int(rng.integers(0, SIZE - side + 1))
+    left = int(rng.integers(0, SIZE // 2 - side + 1)) + (SIZE // 2 if half == "right" else 0)
+    image.paste(COLOURS[str(rng.choice(["red", "blue"]))], (left, top, left + side, top + side))
+    return image
+
+
 def to_tensor(images):
     """PIL images -> (B, 3, H, W) float32 in [-1, 1]."""
     return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -78,10 +114,69 @@ def is_red(pixels):
     return (pixels[:, 0] - pixels[:, 2]).mean(dim=(1, 2)) > 0
 
 
-def training_images(count, seed):
+def has_light_background(pixels):
+    """Per image (B,): True where the median pixel (grey level, mean of the channels) is lighter than mid-way
+    between the two shades; a square covers at most a quarter of the image, so the median is the background's."""
+    grey = (pixels.mean(dim=1).flatten(1) + 1) * 127.5
+    return grey.median(dim=1).values > (SHADES["light"][0] + SHADES["dark"][0]) / 2
+
+
+def object_count(pixels, threshold=48, min_pixels=12):
+    """Per image (B,): how many separate objects are drawn, pixels (B, 3, H, W) in [-1, 1]. A pixel is foreground
+    where a channel differs from the grey background by more than `threshold` (0-255 units); objects are its
+    4-connected components of at least `min_pixels` pixels (smaller specks are not counted)."""
+    grey = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1)
+    foreground = ((pixels.float() + 1) * 127.5 - grey).abs().amax(dim=1) > threshold  # (B, H, W)
+    big = foreground[0].numel() + 1
+    labels = torch.where(foreground, torch.arange(foreground[0].numel()).view(foreground.shape[1:]) + 0, big)
+    labels = labels.expand_as(foreground).clone()
+    while True:  # every foreground pixel takes the smallest label among itself and its foreground neighbours
+        padded = F.pad(labels, (1, 1, 1, 1), value=big)
+        neighbours = torch.stack([padded[:, 1:-1, 1:-1], padded[:, :-2, 1:-1], padded[:, 2:, 1:-1],
+                                  padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]]).amin(dim=0)
+        updated = torch.where(foreground, neighbours, big)
+        if torch.equal(updated, labels):
+            break
+        labels = updated
+    counts = []
+    for image in labels:
+        _, sizes = image[image < big].unique(return_counts=True)
+        counts.append(int((sizes >= min_pixels).sum()))
+    return torch.tensor(counts)
+
+
+def on_the_left(pixels, threshold=48):
+    """Per image (B,): True where the foreground (pixels differing from the grey background by more than `threshold`
+    in a channel, 0-255 units) has its centre of mass in the left half; an empty image counts as not."""
+    grey = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1)
+    foreground = (((pixels.float() + 1) * 127.5 - grey).abs().amax(dim=1) > threshold).float()  # (B, H, W)
+    columns = torch.arange(pixels.shape[-1], dtype=torch.float32) + 0.5
+    mass = foreground.sum(dim=(1, 2))
+    centre = (foreground.sum(dim=1) * columns).sum(dim=1) / mass.clamp(min=1)
+    return (mass > 0) & (centre < pixels.shape[-1] / 2)
+
+
+# The toy properties: the two values each base model sees equally often, the renderer of one image, and the rule
+# that reads from its pixels whether a sample has the preferred value (the first one).
+PROPERTIES = {
+    "colour": {"values": ("red", "blue"), "render": render, "detect": lambda pixels: is_red(pixels)},
+    "background": {"values": ("light", "dark"), "render": render_background, "detect": has_light_background},
+    "count": {"values": ("two", "one"), "render": render_count, "detect": lambda pixels: object_count(pixels) >= 2},
+    "position": {"values": ("left", "right"), "render": render_position, "detect": on_the_left},
+}
+
+
+def task_property(task):
+    """The property a task's pairs differ in (warmcool: the colour)."""
+    return "colour" if task == "warmcool" else task
+
+
+def training_images(count, seed, task="colour"):
+    """`count` images of `task`'s property, its two values equally often."""
+    spec = PROPERTIES[task_property(task)]
     rng = np.random.default_rng(seed)
-    colours = rng.permutation(["red", "blue"] * (count // 2))
-    return to_tensor([render(colour, rng) for colour in colours])
+    values = rng.permutation(list(spec["values"]) * (count // 2))
+    return to_tensor([spec["render"](value, rng) for value in values])
 
 
 def _atomic_folder(final, build, settings=None):
@@ -195,31 +290,36 @@ def train_unet(pipe, latents, steps, generator, progress, red=None):
     model.eval().requires_grad_(False)
 
 
-def build_model(folder, seed=0, vae_steps=200, unet_steps=700, progress=tqdm, kind="sdxl", lean=False):
+def build_model(folder, seed=0, vae_steps=200, unet_steps=700, progress=tqdm, kind="sdxl", lean=False,
+                prop="colour"):
     """The toy pipeline ("sdxl", or the rectified flow "sd3") in diffusers format at `folder` (built once; a complete
-    folder is reused). `lean`: captions lean to their colour as CAPTION_LEAN says (the warmcool task's toy)."""
+    folder is reused), trained on images of property `prop` (PROPERTIES; its two values equally often). `lean`:
+    captions lean to their colour as CAPTION_LEAN says (the warmcool task's toy)."""
 
     def build(scratch):
         generator = torch.Generator().manual_seed(seed)
         pipe = {"sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}[kind](seed=seed)
-        images = training_images(2048, seed)
+        images = training_images(2048, seed, prop)
         latents = train_vae(pipe.vae, images, vae_steps, generator, progress)
         train_unet(pipe, latents, unet_steps, generator, progress, red=is_red(images) if lean else None)
         pipe.save_pretrained(scratch)
 
-    return _atomic_folder(folder, build, {"seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "kind": kind,
-                                          "lean": CAPTION_LEAN if lean else False})
+    settings = {"seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "kind": kind,
+                "lean": CAPTION_LEAN if lean else False}
+    return _atomic_folder(folder, build, settings if prop == "colour" else {**settings, "property": prop})
 
 
 def model_folder(out_dir, task="colour", name="model"):
     """The base model (`name` "pairs": the pairs) of `task` in a toy folder: OUT_DIR/model for the colour task,
-    OUT_DIR/model_warmcool for the warmcool task, whose captions lean (CAPTION_LEAN)."""
+    OUT_DIR/model_TASK for the others (the warmcool task's captions lean, CAPTION_LEAN; the background and count
+    tasks' models are trained on their own property)."""
     return Path(out_dir) / (name if task == "colour" else f"{name}_{task}")
 
 
 def build_task_model(out_dir, task="colour", **kwargs):
     """Build (once) the base model of `task` under `out_dir` (build_model's keyword arguments pass through)."""
-    return build_model(model_folder(out_dir, task), lean=task == "warmcool", **kwargs)
+    prop = task_property(task)
+    return build_model(model_folder(out_dir, task), lean=task == "warmcool", prop=prop, **kwargs)
 
 
 def task_captions(task, count):
@@ -231,18 +331,21 @@ def task_captions(task, count):
 
 
 def build_pairs(folder, count=512, seed=1, task="colour"):
-    """`count` pairs of `task` as PNGs (a red and a blue square each) and two jsonl manifests: pairs.jsonl with the
-    caption's preferred colour as winner, pairs_swapped.jsonl with winner and loser exchanged. Returns pairs.jsonl."""
+    """`count` pairs of `task` as PNGs (the property's two values each, e.g. a red and a blue square) and two jsonl
+    manifests: pairs.jsonl with the caption's preferred value as winner, pairs_swapped.jsonl with winner and loser
+    exchanged. Returns pairs.jsonl."""
+    values = PROPERTIES[task_property(task)]["values"]
+    render_value = PROPERTIES[task_property(task)]["render"]
 
     def build(scratch):
         rng = np.random.default_rng(seed)
         rows, swapped = [], []
         for i, caption in enumerate(task_captions(task, count)):
-            files = {colour: f"{i:05d}_{colour}.png" for colour in ("red", "blue")}
-            for colour in ("red", "blue"):
-                render(colour, rng).save(scratch / files[colour])
+            files = {value: f"{i:05d}_{value}.png" for value in values}
+            for value in values:
+                render_value(value, rng).save(scratch / files[value])
             preferred = TASKS[task][caption]
-            other = "blue" if preferred == "red" else "red"
+            other = next(value for value in values if value != preferred)
             rows.append({"caption": caption, "chosen": files[preferred], "rejected": files[other]})
             swapped.append({"caption": caption, "chosen": files[other], "rejected": files[preferred]})
         (scratch / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -284,9 +387,10 @@ def sample(pipe, count, seed=0, guidance_scale=1.0, steps=20, batch_size=64, des
 
 
 def prefers(images, captions, task):
-    """Per image (B,): True where it has the preferred colour of its caption under `task`."""
-    wanted_red = torch.tensor([TASKS[task][caption] == "red" for caption in captions])
-    return is_red(images) == wanted_red
+    """Per image (B,): True where it has the preferred value of its caption under `task` (read from its pixels)."""
+    spec = PROPERTIES[task_property(task)]
+    wanted_first = torch.tensor([TASKS[task][caption] == spec["values"][0] for caption in captions])
+    return spec["detect"](images) == wanted_first
 
 
 def preference_rate(pipe, count, task="colour", seed=0, steps=20):
@@ -296,10 +400,10 @@ def preference_rate(pipe, count, task="colour", seed=0, steps=20):
 
 
 @torch.no_grad()
-def heldout_denoising_loss(pipe, count=256, seed=12345):
-    """Mean denoising error (epsilon; velocity for a flow toy) on fresh images of both colours under the three
-    captions, at the model's training noise levels: does the model still fit the data?"""
-    images = training_images(count, seed)
+def heldout_denoising_loss(pipe, count=256, seed=12345, task="colour"):
+    """Mean denoising error (epsilon; velocity for a flow toy) on fresh images of both values of `task`'s property
+    under the three captions, at the model's training noise levels: does the model still fit the data?"""
+    images = training_images(count, seed, task)
     latents = encode_latents(pipe, images)
     generator = torch.Generator().manual_seed(seed)
     flow = is_flow(pipe)

@@ -45,9 +45,10 @@ from trajectory_cache import TrajectoryCache, weights_fingerprint
 
 logger = logging.getLogger("train_inversion_dpo")
 
+# --beta_dpo when not given; the anchored form's None: the relative rule (--relative_beta, BetaRule)
 DEFAULT_BETA = {"inversion_dpo": 2000.0, "inversion_dpo_official": 2000.0, "inversion_dpo_exact": 2000.0,
-                "inversion_dpo_x0": 2000.0,
-                "diffusion_dpo": 5000.0, "sft": None}
+                "inversion_dpo_x0": None, "diffusion_dpo": 5000.0, "sft": None}
+RELATIVE_BETA = 40.0  # kappa of the anchored form's rule beta = kappa / R (README, "Choosing a loss")
 PAPER_FORMS = ("inversion_dpo", "inversion_dpo_official")
 AT_END_FORMS = ("inversion_dpo_exact", "inversion_dpo_x0")  # evaluated at x_i, with the reference's own term there
 NOISING_FORMS = ("diffusion_dpo", "sft")  # random noising of the clean latent, no inversion
@@ -142,14 +143,25 @@ def parse_args(input_args=None):
                              "noise, at the inversion's points); the one inversion form whose preference effect held "
                              "on every seed of the colour task in the project's alignment study (README, 'Choosing a "
                              "loss'; on its caption-decided task it had the largest mean effect, positive on every seed, but "
-                             "with an interval that includes 0, as every DPO form's did, Diffusion-DPO's too). "
+                             "with an interval that includes 0, as every DPO form's did, Diffusion-DPO's too); on "
+                             "the toy properties held out from every choice (background, object count) it moved the "
+                             "model against the preference, where diffusion_dpo followed it (README, 'Settings that "
+                             "transfer'). "
                              "inversion_dpo: the paper's loss; it has no gradient until something breaks the "
                              "policy/reference tie, and its effect changed with the training seed there. "
                              "inversion_dpo_official: the released code's sign (opposite to the paper; for "
                              "reproduction only). inversion_dpo_exact: the trajectory-consistent form (moved the "
                              "model against the preference there). diffusion_dpo, sft: baselines.")
     method.add_argument("--beta_dpo", type=float, default=None,
-                        help="DPO temperature (default 2000 for the inversion forms, 5000 for diffusion_dpo).")
+                        help="DPO temperature. Default: for inversion_dpo_x0 the relative rule (--relative_beta); "
+                             "2000 for the other inversion forms (the released recipe's), 5000 for diffusion_dpo.")
+    method.add_argument("--relative_beta", type=float, default=RELATIVE_BETA,
+                        help="The anchored form's default temperature rule: beta = RELATIVE_BETA / R, where R is the "
+                             "reference's own step-weighted error on the first batch's trajectories (mean over every "
+                             "process's images of (1/N) sum_i w_i E_i(ref)), measured once, logged, and kept on "
+                             "resume. Beta in units of the model's own error, so that one value can carry over between "
+                             "models, resolutions, N and weightings, where an absolute beta does not (README, "
+                             "'Settings that transfer'). Ignored when --beta_dpo is given.")
     method.add_argument("--num_inference_steps", type=int, default=80, help="DDIM inversion steps N.")
     method.add_argument("--inversion_steps_offset", type=int, default=None,
                         help="steps_offset of the inversion schedule (default: the model's scheduler config; SDXL "
@@ -333,6 +345,8 @@ def validate_args(parser, args):
         parser.error("--train_batch_size and --gradient_accumulation_steps must be at least 1")
     if args.beta_dpo is None:
         args.beta_dpo = DEFAULT_BETA[args.loss_type]
+    if not args.relative_beta > 0:
+        parser.error("--relative_beta must be positive")
     if args.use_lora:
         args.rank = args.rank or 8
         args.lora_alpha = args.lora_alpha or args.rank
@@ -735,6 +749,33 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state):
         self.total, self.in_a_row = state["total"], state["in_a_row"]
+
+
+class BetaRule:
+    """The anchored form's default temperature (`--beta_dpo` not given): beta = --relative_beta / R, R the
+    reference's step-weighted error on the first step's trajectories, averaged over every process
+    (`losses.reference_scale`), then fixed for the run. It is written into `args.beta_dpo`, which the losses read,
+    and saved in checkpoints (`accelerator.register_for_checkpointing`), so a resumed run keeps the same beta."""
+
+    def __init__(self, args):
+        self.args = args
+        self.active = args.beta_dpo is None and args.loss_type == "inversion_dpo_x0"
+
+    def calibrate(self, accelerator, trajectories, weights):
+        if not self.active or self.args.beta_dpo is not None:
+            return
+        local = losses.reference_scale(trajectories.reference_errors[target_name(self.args)], weights)
+        scale = accelerator.reduce(local.reshape(1).to(accelerator.device), "mean").item()
+        self.args.beta_dpo = losses.relative_beta(self.args.relative_beta, scale)
+        logger.info("beta %.4g = --relative_beta %g / R, R = %.4g (the reference's step-weighted error on the first "
+                    "batch's trajectories)", self.args.beta_dpo, self.args.relative_beta, scale)
+
+    def state_dict(self):
+        return {"beta": self.args.beta_dpo if self.active else None}
+
+    def load_state_dict(self, state):
+        if self.active and state.get("beta") is not None:
+            self.args.beta_dpo = state["beta"]
 
 
 def apply_update(accelerator, optimizer, lr_scheduler, finite):
@@ -1168,6 +1209,8 @@ def main(args):
 
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
     accelerator.register_for_checkpointing(nonfinite)
+    beta_rule = BetaRule(args)
+    accelerator.register_for_checkpointing(beta_rule)
 
     # 5. Resume.
     global_step, first_epoch, resume_batches = 0, 0, 0
@@ -1221,7 +1264,7 @@ def main(args):
                 generator = torch.Generator().manual_seed(hash(position) & (2**63 - 1))
                 with accelerator.accumulate(denoiser):
                     output = training_step(args, accelerator, denoiser, reference, prompt_encoder, models["vae"], batch,
-                                           schedule, weights, train_levels, generator, cache)
+                                           schedule, weights, train_levels, generator, cache, beta_rule)
                     step_metrics.append(output.metrics)
                     step_rows += batch["row_ids"].tolist()
                     if accelerator.sync_gradients:
@@ -1238,7 +1281,7 @@ def main(args):
                 too_many_nonfinite = nonfinite.update(finite, global_step, step_rows, accelerator.process_index)
                 step_metrics, step_rows = [], []
                 logs.update(grad_norm=grad_norm, lr=lr_scheduler.get_last_lr()[0], epoch=epoch,
-                            bad_rows=bad_rows.bad, nonfinite_steps=nonfinite.total,
+                            bad_rows=bad_rows.bad, nonfinite_steps=nonfinite.total, beta=args.beta_dpo,
                             elapsed_s=time.perf_counter() - started)
                 logs["zero_gradient"] = float(logs["grad_norm"] == 0.0)
                 if cache is not None:
@@ -1370,11 +1413,12 @@ def fill_cache(args, accelerator, dataloader, reference, prompt_encoder, vae, sc
 
 
 def training_step(args, accelerator, model, reference, prompt_encoder, vae, batch, schedule, weights, train_levels,
-                  generator, cache):
+                  generator, cache, beta_rule=None):
     """Encode, invert (reference, no gradient), evaluate the policy, backpropagate. Returns the `LossOutput`. With a
     warm cache the first two are reads, and the step runs the policy alone (diffusion_dpo: with the reference).
 
-    `generator` draws the noise and timesteps of diffusion_dpo and sft, and the --loss_timesteps subset."""
+    `generator` draws the noise and timesteps of diffusion_dpo and sft, and the --loss_timesteps subset. `beta_rule`
+    (a `BetaRule`) sets the anchored form's beta from the first batch's trajectories."""
     keys = None if cache is None else image_keys(args, cache, batch)
     latents, cond = encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys)
     if args.loss_type in NOISING_FORMS:
@@ -1383,6 +1427,8 @@ def training_step(args, accelerator, model, reference, prompt_encoder, vae, batc
         return noising_loss(args, accelerator, model, reference, latents_w, latents_l, cond_w, train_levels, generator)
     uncond = prompt_encoder.unconditional(cond)
     trajectories = invert_pairs(args, reference, latents, cond, uncond, schedule, cache, keys)
+    if beta_rule is not None:
+        beta_rule.calibrate(accelerator, trajectories, weights)
     return trajectory_loss(args, accelerator, model, trajectories, cond, uncond, weights, generator)
 
 

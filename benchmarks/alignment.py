@@ -154,7 +154,8 @@ class Study:
             flags += ["--timestep_weighting", spec["weighting"], "--inversion_cache_dir",
                       str(self.cache_dir(spec["task"])), "--inversion_cache_dtype", "float32"]
         if spec.get("loss_timesteps"):  # the study's one-step runs drew uniformly (the default draw since: stratified)
-            flags += ["--loss_timesteps", str(spec["loss_timesteps"]), "--loss_timestep_sampling", "uniform"]
+            flags += ["--loss_timesteps", str(spec["loss_timesteps"]), "--loss_timestep_sampling",
+                      spec.get("sampling", "uniform")]
         breaker = spec.get("breaker", "weight_decay")
         flags += ["--adam_weight_decay", "1e-2" if breaker == "weight_decay" else "0",
                   "--mixed_precision", "bf16" if breaker == "bf16" else "no"]
@@ -198,6 +199,8 @@ def name_of(spec):
     parts = [spec["task"], spec["loss"], spec.get("weighting", "-"), f"b{spec['beta']}", f"lr{spec['lr']:g}",
              f"T{spec.get('loss_timesteps') or 'all'}", spec.get("breaker", "weight_decay"), f"s{spec['seed']}",
              spec["direction"]]
+    if spec.get("sampling"):  # the draw of --loss_timesteps (studies before it was a setting drew uniformly)
+        parts.insert(-3, spec["sampling"])
     return "-".join(str(p) for p in parts)
 
 
@@ -234,7 +237,7 @@ def measure(run_dir, keys, work):
         if key == "final":
             pipe = toy_task.load_pipeline(model, run_dir)
             manifest = "pairs.jsonl" if spec["direction"] == "for" else "pairs_swapped.jsonl"
-            out[key] = {"heldout_loss": toy_task.heldout_denoising_loss(pipe),
+            out[key] = {"heldout_loss": toy_task.heldout_denoising_loss(pipe, task=spec["task"]),
                         "heldout_implicit_accuracy": implicit_accuracy(
                             pipe, base.unet, toy / f"heldout_{spec['task']}" / manifest)}
             continue
@@ -504,8 +507,8 @@ def measure_base(study):
         if not marker.is_file():
             code = ("import json, toy_task; from pathlib import Path; p = toy_task.load_pipeline(Path(%r)); "
                     "print(json.dumps({'rate': toy_task.preference_rate(p, %d, %r, seed=%d), "
-                    "'heldout_loss': toy_task.heldout_denoising_loss(p)}))"
-                    % (str(study.model(task)), study.samples, task, REPORT_SEED))
+                    "'heldout_loss': toy_task.heldout_denoising_loss(p, task=%r)}))"
+                    % (str(study.model(task)), study.samples, task, REPORT_SEED, task))
             result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
                                     check=True)
             marker.write_text(result.stdout.strip().splitlines()[-1])

@@ -36,6 +36,7 @@ import toy_task  # noqa: E402
 from alignment import RESULTS, fmt, interval, plot_effect, run_trainer  # noqa: E402
 
 GRID = {"inversion_dpo_x0": (5.0, 50.0, 500.0), "diffusion_dpo": (50.0, 500.0, 5000.0)}
+RULE = "inversion_dpo_x0_rule"  # the anchored form at the trainer's default beta rule (--relative_beta), untuned
 LEARNING_RATE = 1e-4
 VALIDATION_SEED, REPORT_SEED = 1, 0
 
@@ -78,9 +79,11 @@ class FlowStudy:
             shutil.rmtree(run_dir, ignore_errors=True)
             manifest = "pairs.jsonl" if spec["direction"] == "for" else "pairs_swapped.jsonl"
             flags = ["--dataset_name", str(self.toy / "pairs" / manifest), "--output_dir", str(run_dir),
-                     "--loss_type", spec["loss"], "--beta_dpo", str(spec["beta"]), "--learning_rate",
+                     "--loss_type", spec["loss"], "--learning_rate",
                      str(LEARNING_RATE), "--seed", str(spec["seed"]), "--max_train_steps", str(self.steps),
                      "--checkpointing_steps", str(self.every)]
+            if spec["beta"] is not None:  # None: the trainer's default (the anchored form's relative rule)
+                flags += ["--beta_dpo", str(spec["beta"])]
             if spec["loss"] != "diffusion_dpo":
                 flags += ["--inversion_cache_dir", str(self.work / "cache"), "--inversion_cache_dtype", "float32"]
             self.trainer(flags)
@@ -91,6 +94,7 @@ class FlowStudy:
             raise RuntimeError(f"measuring {run_dir} failed:\n{result.stderr[-3000:]}")
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         record = {"spec": spec, "seconds": {str(m["step"]): m["elapsed_s"] for m in metrics},
+                  "beta_used": metrics[-1].get("beta"),
                   "final_loss": metrics[-1]["loss"], **json.loads(result.stdout.strip().splitlines()[-1])}
         record_path.write_text(json.dumps(record))
         return record
@@ -102,7 +106,8 @@ class FlowStudy:
 
 
 def name_of(spec):
-    return f"{spec['loss']}-b{spec['beta']:g}-s{spec['seed']}-{spec['direction']}"
+    beta = "rule" if spec["beta"] is None else f"{spec['beta']:g}"
+    return f"{spec['loss']}-b{beta}-s{spec['seed']}-{spec['direction']}"
 
 
 def measure(run_dir, samples, work):
@@ -134,6 +139,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smoke run: rough toy, one seed, a few steps")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (each one CPU thread)")
     parser.add_argument("--results_dir", default=str(RESULTS))
+    parser.add_argument("--forms", nargs="+", choices=[*GRID, RULE], default=None,
+                        help="run these rows only (written to flow_alignment_FORMS.*)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=int, default=256, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,9 +154,15 @@ def main():
     base = {"rate": toy_task.preference_rate(base_pipe, study.samples, seed=REPORT_SEED),
             "heldout_loss": toy_task.heldout_denoising_loss(base_pipe)}
     chosen, rows = {}, {}
-    for form, betas in study.grid.items():
-        betas, extended = list(betas), set()
-        while True:  # a best beta on an edge of the grid extends it by one step on that side (once per side)
+    forms = {**study.grid, RULE: None}
+    for form, betas in ((f, b) for f, b in forms.items() if args.forms is None or f in args.forms):
+        if betas is None:  # the anchored form's default rule: no grid, nothing chosen
+            chosen[form], scored = {"loss": "inversion_dpo_x0", "beta": None, "seed": 0}, []
+            records = {}
+        else:
+            betas, extended = list(betas), set()
+        # a best beta on an edge of the grid extends it by one step on that side (once per side)
+        while betas is not None:
             grid = [{"loss": form, "beta": beta, "seed": 0} for beta in betas]
             records = study.run_all(grid, args.workers)
             scored = [(effect(records, spec, lambda r: r["validation_rate"]),
@@ -174,6 +187,8 @@ def main():
         final = [effect(records, spec, lambda r, s=steps[-1]: r["rates"][str(s)]) for spec in specs]
         rows[form] = {
             "beta": chosen[form]["beta"], "lr": LEARNING_RATE, "effect": interval(final), "per_seed": final,
+            "beta_used": sorted({records[name_of({**spec, "direction": d})].get("beta_used") or 0.0
+                                 for spec in specs for d in ("for", "against")}),
             "grid": {f"{spec['beta']:g}": score for score, _, spec in scored},
             "rates": {d: [records[name_of({**spec, "direction": d})]["rates"][str(steps[-1])] for spec in specs]
                       for d in ("for", "against")},
@@ -187,6 +202,8 @@ def main():
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     name = "flow_alignment_quick" if args.quick else "flow_alignment"  # a smoke run never replaces the study's files
+    if args.forms:  # a part of the study never replaces the whole study's files
+        name += "_" + "_".join(args.forms)
     (results / f"{name}.json").write_text(json.dumps(summary, indent=1))
     write_markdown(summary, results / f"{name}.md")
     plot(rows, results / f"{name}.png")
@@ -202,9 +219,10 @@ def write_markdown(summary, path):
              "trained for / against | held-out loss | seconds for all steps |",
              "|---|---|---|---|---|---|---|"]
     for form, row in summary["forms"].items():
-        grid = ", ".join(f"{beta}: {100 * score:+.0f}" for beta, score in row["grid"].items())
+        grid = ", ".join(f"{beta}: {100 * score:+.0f}" for beta, score in row["grid"].items()) or \
+            "rule, untuned: " + ", ".join(f"{b:.3g}" for b in row.get("beta_used", []))
         rates = " / ".join(", ".join(f"{100 * r:.0f}%" for r in row["rates"][d]) for d in ("for", "against"))
-        lines.append(f"| {form} | {row['beta']:g} ({grid}) | {fmt(row['effect'])} | "
+        lines.append(f"| {form} | {'-' if row['beta'] is None else format(row['beta'], 'g')} ({grid}) | {fmt(row['effect'])} | "
                      f"{', '.join(f'{100 * e:+.0f}' for e in row['per_seed'])} | {rates} | {row['heldout_loss']:.3f} | "
                      f"{row['curve'][-1]['seconds']:.1f} |")
     build = (f"Toy build {summary['toy_build_seconds']:.0f} s" if summary["toy_build_seconds"] >= 1
@@ -224,7 +242,7 @@ def plot(rows, path):
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, key in zip(axes, ("step", "seconds")):
         for form, row in rows.items():
-            plot_effect(ax, row["curve"], key, label=f"{form} (beta {row['beta']:g})")
+            plot_effect(ax, row["curve"], key, label=f"{form} (beta {row['beta'] or 'rule'})")
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xlabel("optimiser steps" if key == "step" else "training seconds (warm trajectory cache)")
         ax.grid(alpha=0.3)

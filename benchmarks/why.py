@@ -74,26 +74,41 @@ NOISE_LEVELS = (100, 500, 900)  # training timesteps: little, half and mostly no
 
 
 @torch.no_grad()
-def colour_errors(pipe, reference_unet, count=256, seed=99):
-    """Policy minus reference denoising error on fresh red and blue squares ("a square") at fixed timesteps:
-    {colour: {t: change}} (negative: the policy denoises that colour better than the base model)."""
+def value_errors(pipe, reference_unet, images, caption=toy_task.CAPTION, seed=99):
+    """Policy minus reference denoising error on fresh images of each value of a property ({value: (B, 3, H, W)}),
+    under `caption`, at fixed timesteps: {value: {t: change}} (negative: the policy denoises that value better than
+    the base model). Every value is noised with the same noise."""
     out = {}
     alphas = training_alphas(pipe.scheduler.config)
-    cond, _ = toy_task.caption_conditioning(pipe, [toy_task.CAPTION] * count)
-    kwargs = cond.unet_kwargs(torch.float32)
-    for colour in ("red", "blue"):
-        rng = np.random.default_rng(seed)
-        images = toy_task.to_tensor([toy_task.render(colour, rng) for _ in range(count)])
-        x0 = pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
+    for value, batch in images.items():
+        cond, _ = toy_task.caption_conditioning(pipe, [caption] * len(batch))
+        kwargs = cond.unet_kwargs(torch.float32)
+        x0 = pipe.vae.encode(batch).latent_dist.mode() * pipe.vae.config.scaling_factor
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-        out[colour] = {}
+        out[value] = {}
         for level in NOISE_LEVELS:
-            t = torch.full((count,), level)
+            t = torch.full((len(batch),), level)
             noisy = forward_noise(x0, noise, alphas[t])
             errors = [losses.squared_error(unet(noisy, t, **kwargs).sample, noise).mean().item()
                       for unet in (pipe.unet, reference_unet)]
-            out[colour][level] = errors[0] - errors[1]
+            out[value][level] = errors[0] - errors[1]
     return out
+
+
+def fresh_images(prop, count=256, seed=99):
+    """{value: `count` fresh images of that value} for a toy property (toy_task.PROPERTIES), each value drawn from
+    the same seed (same sizes and places)."""
+    spec = toy_task.PROPERTIES[prop]
+    images = {}
+    for value in spec["values"]:
+        rng = np.random.default_rng(seed)
+        images[value] = toy_task.to_tensor([spec["render"](value, rng) for _ in range(count)])
+    return images
+
+
+def colour_errors(pipe, reference_unet, count=256, seed=99):
+    """`value_errors` on fresh red and blue squares ("a square")."""
+    return value_errors(pipe, reference_unet, fresh_images("colour", count, seed), seed=seed)
 
 
 def main():

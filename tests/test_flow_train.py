@@ -151,10 +151,12 @@ def test_recipe_scripts_run_with_overrides(tiny_sd3_path, tiny_flux_path, pairs_
     assert result.returncode == 0, result.stderr[-4000:]
     config = json.loads((tmp_path / "training_config.json").read_text())
     expected = dict(model_kind=kind, mixed_precision="bf16", use_lora=True, rank=8, learning_rate=1e-5,
-                    beta_dpo=2000.0, loss_type="inversion_dpo_x0", gradient_checkpointing=True,
+                    beta_dpo=None, relative_beta=40.0, loss_type="inversion_dpo_x0", gradient_checkpointing=True,
                     inversion_guidance_scale={"sd3": 2.0, "flux": 3.5}[kind], max_sequence_length=16,
                     num_inference_steps=3, resolution=64, loss_timesteps=1, loss_timestep_sampling="stratified")
     assert {key: config[key] for key in expected} == expected
+    betas = {json.loads(line)["beta"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
+    assert len(betas) == 1 and 0 < betas.pop() < float("inf")  # the rule's beta, set once from the first batch
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
 
 

@@ -10,6 +10,8 @@ from diffusers import DDIMInverseScheduler
 
 from inversion import InversionSchedule, PromptEncoder, invert, forward_noise, predict_on_trajectory
 from losses import (
+    reference_scale,
+    relative_beta,
     LOSS_STEP_SAMPLINGS,
     draw_loss_steps,
     diffusion_dpo,
@@ -350,3 +352,18 @@ def test_bad_draws_are_named():
         draw_loss_steps(STEP_WEIGHTS, 2, "random")
     with pytest.raises(ValueError, match="at least one loss step"):
         draw_loss_steps(STEP_WEIGHTS, 0, "uniform")
+
+
+def test_relative_beta_is_kappa_over_the_references_weighted_error():
+    errors = torch.tensor([[0.1, 0.2, 0.4], [0.3, 0.0, 0.2]])
+    weights = torch.tensor([0.5, 1.0, 3.0])
+    # by hand: rows (0.05 + 0.2 + 1.2) / 3 = 0.48333 and (0.15 + 0 + 0.6) / 3 = 0.25; mean 0.366667
+    scale = reference_scale(errors, weights)
+    assert scale.item() == pytest.approx(0.3666667, rel=1e-6)
+    assert relative_beta(40.0, scale) == pytest.approx(40.0 / 0.3666667, rel=1e-6)
+    # scale-free: errors in other units (a latent twice as large: errors x4) give a beta a quarter as large, the same
+    # margin for the same relative change
+    assert relative_beta(40.0, reference_scale(4 * errors, weights)) == pytest.approx(10.0 / 0.3666667, rel=1e-6)
+    for bad in (0.0, float("nan"), -1.0):
+        with pytest.raises(ValueError, match="give --beta_dpo explicitly"):
+            relative_beta(40.0, bad)

@@ -134,7 +134,9 @@ def test_flow_alignment_quick_run_writes_its_outputs(tmp_path):
                str(tmp_path / "work"), "--results_dir", str(results)]
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True, timeout=900)
     numbers = json.loads((results / "flow_alignment_quick.json").read_text())
-    assert set(numbers["forms"]) == {"inversion_dpo_x0", "diffusion_dpo"}
+    assert set(numbers["forms"]) == {"inversion_dpo_x0", "diffusion_dpo", "inversion_dpo_x0_rule"}
+    rule = numbers["forms"]["inversion_dpo_x0_rule"]  # no --beta_dpo: the trainer's rule set one beta per run
+    assert rule["beta"] is None and rule["beta_used"] and all(0 < b < float("inf") for b in rule["beta_used"])
     for row in numbers["forms"].values():
         assert row["per_seed"] == pytest.approx([f - a for f, a in zip(row["rates"]["for"], row["rates"]["against"])])
         assert [point["step"] for point in row["curve"]] == [2, 4]

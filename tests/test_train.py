@@ -240,6 +240,29 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tiny_sdxl_pa
     assert steps[-3:] == [4, 5, 6]
 
 
+def test_the_anchored_forms_default_beta_scales_with_kappa_and_is_kept_on_resume(tiny_sdxl_path, pairs_dir, tmp_path):
+    def args(output, kappa, steps, *extra):
+        flags = base_args(tiny_sdxl_path, pairs_dir, output, "--loss_type", "inversion_dpo_x0", "--relative_beta",
+                          str(kappa), "--max_train_steps", str(steps), "--checkpointing_steps", "1", *extra)
+        at = flags.index("--beta_dpo")
+        return flags[:at] + flags[at + 2:]  # no --beta_dpo: the rule
+
+    first = launch(args(tmp_path / "a", 40, 1))
+    assert "--relative_beta 40 / R" in first.stderr
+    beta = read_metrics(tmp_path / "a")[0]["beta"]
+    # the same first batch with twice the kappa: exactly twice the beta (beta = kappa / R, R from the reference)
+    launch(args(tmp_path / "b", 80, 1))
+    assert read_metrics(tmp_path / "b")[0]["beta"] == pytest.approx(2 * beta, rel=1e-6)
+    # resumed at step 1: step 2 (another batch, whose R differs) keeps the run's beta
+    resumed = launch(args(tmp_path / "a", 40, 2, "--resume_from_checkpoint", "latest"))
+    assert "/ R" not in resumed.stderr
+    assert [m["beta"] for m in read_metrics(tmp_path / "a")] == [beta, beta]
+    # an explicit --beta_dpo wins
+    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "c", "--loss_type", "inversion_dpo_x0",
+                     "--max_train_steps", "1"))
+    assert read_metrics(tmp_path / "c")[0]["beta"] == 50.0
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sdxl_path, pairs_dir, tmp_path):
     # Adam's normalised update turns gradient elements at rounding level into full +-lr steps whose sign depends on
     # how the batch was split; a large epsilon makes the update proportional to the gradient, so the comparison
@@ -312,10 +335,13 @@ def test_sdxl_sh_runs_the_released_recipe_with_overrides(tiny_sdxl_path, pairs_d
     assert result.returncode == 0, result.stderr[-4000:]
     config = json.loads((tmp_path / "training_config.json").read_text())
     expected = dict(mixed_precision="bf16", use_adafactor=True, scale_lr=True, gradient_checkpointing=True,
-                    beta_dpo=2000.0, inversion_guidance_scale=2.0, lr_scheduler="constant_with_warmup",
-                    checkpointing_steps=200, loss_type="inversion_dpo_x0", sdxl=True, learning_rate=1e-5,
-                    num_inference_steps=3, resolution=64, loss_timesteps=1, loss_timestep_sampling="stratified")
+                    beta_dpo=None, relative_beta=40.0, inversion_guidance_scale=2.0,
+                    lr_scheduler="constant_with_warmup", checkpointing_steps=200, loss_type="inversion_dpo_x0",
+                    sdxl=True, learning_rate=1e-5, num_inference_steps=3, resolution=64, loss_timesteps=1,
+                    loss_timestep_sampling="stratified")
     assert {key: config[key] for key in expected} == expected  # one loss step per block of about 10: 1 of 3
+    betas = {row["beta"] for row in read_metrics(tmp_path)}  # the rule's beta, set once from the first batch
+    assert len(betas) == 1 and 0 < betas.pop() < float("inf")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
 
