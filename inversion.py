@@ -752,3 +752,18 @@ def training_noise(latents, noise, levels, flow):
     if flow:
         return flow_forward(latents, noise, levels), noise.float() - latents.float()
     return forward_noise(latents, noise, levels), noise.float()
+
+
+def noised_trajectory(latents, noise, schedule):
+    """A diagnostic stand-in for the inversion path: x_0 (B, C, H, W) noised to each of the schedule's N levels with
+    independent noise z (B, N, C, H, W), DDIM x_i = sqrt(a_i) x_0 + sqrt(1 - a_i) z_i, flows x_i = (1 - sigma_i) x_0
+    + sigma_i z_i: the points Diffusion-DPO trains at, at the inversion's levels. The anchored targets of these
+    points are z_i (DDIM) and z_i - x_0 (flows). `noise` fills the trajectory's step-noise field; no inversion step
+    joins these points. float32."""
+    flow = isinstance(schedule, FlowSchedule)
+    levels = (schedule.sigmas if flow else schedule.alphas)[1:].to(latents.device)
+    batch, num_steps = noise.shape[:2]
+    x0 = latents.float().unsqueeze(1).expand(-1, num_steps, *latents.shape[1:]).flatten(0, 1)
+    noisy, _ = training_noise(x0, noise.flatten(0, 1), levels.repeat(batch), flow)
+    points = torch.cat([latents.float().unsqueeze(1), noisy.unflatten(0, (batch, num_steps))], dim=1)
+    return Trajectory(points, noise.float(), schedule)

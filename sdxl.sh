@@ -4,9 +4,11 @@
 #
 # Change any value through its environment variable, or append flags (they come last, so they win):
 #   DATASET_NAME=/data/pickapic_v2 OUTPUT_DIR=runs/paper bash sdxl.sh --loss_type inversion_dpo
-# The loss is the trainer's default, the anchored form (inversion_dpo_x0): in the project's alignment study it was the
-# inversion form whose preference effect held on every seed (README, "Choosing a loss"). The released run's loss:
-#   bash sdxl.sh --loss_type inversion_dpo_official --inversion_steps_offset 0      (the paper's sign: inversion_dpo)
+# The loss is the trainer's default, the anchored form (inversion_dpo_x0): the inversion form whose preference effect
+# held on every seed of the colour toy (README, "Choosing a loss"); on the toy properties held out from every choice
+# (background, object count) it moved the model against the preference, where --loss_type diffusion_dpo followed it
+# (README, "Settings that transfer"). The released run's loss:
+#   LOSS_TIMESTEPS= bash sdxl.sh --loss_type inversion_dpo_official --inversion_steps_offset 0   (paper sign: inversion_dpo)
 # LEARNING_RATE is the released one; beta follows the reference's error scale (BETA_DPO below).
 # The released launcher's flags (--sdxl, --variant, --cache_dir, --cache_dir_model, --dataloader_num_workers) are
 # accepted, so a released command line works with only the script name changed. Set VAE= or VARIANT= (empty) to

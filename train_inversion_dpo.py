@@ -34,6 +34,7 @@ from inversion import (
     SD3PromptEncoder,
     invert,
     model_prediction,
+    noised_trajectory,
     predict_on_trajectory,
     sdxl_time_ids,
     draw_training_levels,
@@ -155,6 +156,12 @@ def parse_args(input_args=None):
     method.add_argument("--beta_dpo", type=float, default=None,
                         help="DPO temperature. Default: for inversion_dpo_x0 the relative rule (--relative_beta); "
                              "2000 for the other inversion forms (the released recipe's), 5000 for diffusion_dpo.")
+    method.add_argument("--anchor_points", choices=["inversion", "noised"], default="inversion",
+                        help="Where the anchored form takes its errors: inversion (the method: the reference's DDIM "
+                             "inversion path) or noised (a diagnostic: fresh forward noisings of x_0 at the same N "
+                             "levels, the points Diffusion-DPO trains at; no inversion, no cache). Comparing the two "
+                             "separates the inversion path from the rest of the loss (README, 'Settings that "
+                             "transfer').")
     method.add_argument("--relative_beta", type=float, default=RELATIVE_BETA,
                         help="The anchored form's default temperature rule: beta = RELATIVE_BETA / R, where R is the "
                              "reference's own step-weighted error on the first batch's trajectories (mean over every "
@@ -347,6 +354,10 @@ def validate_args(parser, args):
         args.beta_dpo = DEFAULT_BETA[args.loss_type]
     if not args.relative_beta > 0:
         parser.error("--relative_beta must be positive")
+    if args.anchor_points == "noised" and args.loss_type != "inversion_dpo_x0":
+        parser.error("--anchor_points noised applies to --loss_type inversion_dpo_x0 only")
+    if args.anchor_points == "noised" and args.inversion_cache_dir:
+        parser.error("--anchor_points noised draws new points every step: drop --inversion_cache_dir")
     if args.use_lora:
         args.rank = args.rank or 8
         args.lora_alpha = args.lora_alpha or args.rank
@@ -650,6 +661,8 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
     with gradient and backpropagates sum(dL/d(error) * error). Same gradient as one graph, memory of one chunk; under
     DDP only the last backward synchronises.
     """
+    if args.beta_dpo is None:  # a caller without the run's BetaRule (benchmarks): the rule, from this batch
+        BetaRule(args).calibrate(accelerator, trajectories, weights)
     at = "end" if args.loss_type in AT_END_FORMS else "start"
     targets = loss_targets(args, trajectories)
     steps, step_weights = torch.arange(trajectories.num_steps), weights
@@ -1418,7 +1431,7 @@ def training_step(args, accelerator, model, reference, prompt_encoder, vae, batc
     warm cache the first two are reads, and the step runs the policy alone (diffusion_dpo: with the reference).
 
     `generator` draws the noise and timesteps of diffusion_dpo and sft, and the --loss_timesteps subset. `beta_rule`
-    (a `BetaRule`) sets the anchored form's beta from the first batch's trajectories."""
+    (the run's `BetaRule`) sets the anchored form's beta from the first batch's trajectories."""
     keys = None if cache is None else image_keys(args, cache, batch)
     latents, cond = encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys)
     if args.loss_type in NOISING_FORMS:
@@ -1426,7 +1439,12 @@ def training_step(args, accelerator, model, reference, prompt_encoder, vae, batc
         cond_w = cond.select(slice(0, len(latents_w)))  # the winner's time_ids for both, as Diffusion-DPO
         return noising_loss(args, accelerator, model, reference, latents_w, latents_l, cond_w, train_levels, generator)
     uncond = prompt_encoder.unconditional(cond)
-    trajectories = invert_pairs(args, reference, latents, cond, uncond, schedule, cache, keys)
+    if args.anchor_points == "noised":  # the diagnostic: forward noisings at the inversion's levels
+        noise = torch.randn((len(latents), schedule.num_steps, *latents.shape[1:]), generator=generator)
+        trajectories = noised_trajectory(latents, noise.to(latents.device), schedule)
+        trajectories.reference_errors = reference_errors(args, reference, trajectories, cond, uncond)
+    else:
+        trajectories = invert_pairs(args, reference, latents, cond, uncond, schedule, cache, keys)
     if beta_rule is not None:
         beta_rule.calibrate(accelerator, trajectories, weights)
     return trajectory_loss(args, accelerator, model, trajectories, cond, uncond, weights, generator)

@@ -150,7 +150,9 @@ class Study:
                  "--max_train_steps", str(self.steps), "--checkpointing_steps", str(self.every)]
         if spec["beta"] is not None:
             flags += ["--beta_dpo", str(spec["beta"])]
-        if spec["loss"] in TRAJECTORY_FORMS + ("inversion_dpo_official",):
+        if spec.get("anchor_points") == "noised":  # the diagnostic: no inversion, so no cache
+            flags += ["--timestep_weighting", spec["weighting"], "--anchor_points", "noised"]
+        elif spec["loss"] in TRAJECTORY_FORMS + ("inversion_dpo_official",):
             flags += ["--timestep_weighting", spec["weighting"], "--inversion_cache_dir",
                       str(self.cache_dir(spec["task"])), "--inversion_cache_dtype", "float32"]
         if spec.get("loss_timesteps"):  # the study's one-step runs drew uniformly (the default draw since: stratified)
@@ -201,6 +203,8 @@ def name_of(spec):
              spec["direction"]]
     if spec.get("sampling"):  # the draw of --loss_timesteps (studies before it was a setting drew uniformly)
         parts.insert(-3, spec["sampling"])
+    if spec.get("anchor_points", "inversion") != "inversion":
+        parts.insert(-3, spec["anchor_points"])
     return "-".join(str(p) for p in parts)
 
 

@@ -14,7 +14,10 @@ study reports them as they came out. Each configuration is trained for the prefe
 swapped), training seeds 0, 1, 2, 60 AdamW steps of 8 pairs (480 of 512 pairs, none repeated), N = 10, guidance 1;
 effect = preferred-attribute rate trained for it minus trained against it, on 256 samples (sampling seed 0, read from
 the pixels by toy_task's detectors), with the 95% t-interval over seeds; the base model's rate shows whether either
-side moved the wrong way; held-out denoising loss on fresh images of both values.
+side moved the wrong way; held-out denoising loss on fresh images of both values. One diagnostic row runs the default
+anchored loss at forward noisings of x_0 instead of the inversion path (--anchor_points noised), to separate the
+path from the rest of the loss. Then `explain` (benchmarks/why.py's decomposition, held-out errors on fresh images
+of both values, and where the inversion ends).
 
     python benchmarks/transfer.py --work_dir /tmp/transfer             # the study (resumable), ~30 min on 2 cores
     python benchmarks/transfer.py --work_dir /tmp/transfer --dev       # the development runs on position + colour
@@ -56,6 +59,14 @@ RECOMMENDED = [
      "lr": 1e-4},
     {"name": "inversion_dpo_exact, beta 50000, lr 1e-7", "loss": "inversion_dpo_exact", "weighting": "official",
      "beta": 50000, "lr": 1e-7},
+]
+# a diagnostic, not a recommendation: the anchored form exactly as the default (rule, one stratified step, official
+# weights) but at fresh forward noisings of x_0 at the inversion's levels instead of the inversion path
+# (--anchor_points noised): does the wrong way come from the inversion path, or from the rest of the loss?
+DIAGNOSTIC = [
+    {"name": "inversion_dpo_x0, default rule, 1 stratified loss step per pair, at forward noisings (diagnostic)",
+     "loss": "inversion_dpo_x0", "weighting": "official", "beta": "rule", "lr": 1e-4, "loss_timesteps": 1,
+     "sampling": "stratified", "anchor_points": "noised"},
 ]
 # development candidates for the anchored form's default (position and colour only)
 CANDIDATES = [
@@ -307,7 +318,7 @@ def main():
     study = Transfer(args.quick, Path(args.work_dir), tasks[:1] if args.quick else tasks)
     study.setup()
     base = measure_base(study)
-    configs = CANDIDATES if args.dev else RECOMMENDED
+    configs = CANDIDATES if args.dev else RECOMMENDED + DIAGNOSTIC
     if args.quick:
         configs = configs[:2] + [c for c in configs if c["loss"] == "diffusion_dpo"]
     specs = [{**{k: v for k, v in c.items() if k != "name"}, "task": task, "seed": seed, "curve": True}

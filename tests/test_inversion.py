@@ -280,3 +280,22 @@ def test_mismatched_batch_sizes_are_errors_not_broadcasts(sdxl_pipe):
         sdxl_encoder(sdxl_pipe).encode(CAPTIONS, [[64, 64]], [[0, 0]], (64, 64))
     with pytest.raises(ValueError, match="list of strings"):
         sdxl_encoder(sdxl_pipe).encode("one caption", [[64, 64]], [[0, 0]], (64, 64))
+
+
+def test_noised_trajectory_is_the_forward_process_at_the_schedules_levels_and_its_targets_are_the_noise():
+    from inversion import FlowSchedule, InversionSchedule, noised_trajectory
+
+    generator = torch.Generator().manual_seed(0)
+    x0, z = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 3, 4, 3, 3, generator=generator)
+    alphas = torch.tensor([0.999, 0.8, 0.5, 0.1])
+    ddim = noised_trajectory(x0, z, InversionSchedule(torch.tensor([1, 300, 600]), alphas))
+    sigmas = torch.tensor([0.0, 0.2, 0.6, 0.9])
+    flow = noised_trajectory(x0, z, FlowSchedule(sigmas))
+    assert torch.equal(ddim.latents[:, 0], x0) and torch.equal(flow.latents[:, 0], x0)
+    for i in range(3):  # written out: DDPM and rectified-flow forward processes at level i + 1
+        a = alphas[i + 1]
+        torch.testing.assert_close(ddim.latents[:, i + 1], a.sqrt() * x0 + (1 - a).sqrt() * z[:, i])
+        torch.testing.assert_close(flow.latents[:, i + 1], (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * z[:, i])
+    # the anchored targets recover the noise (DDIM) and the velocity z - x_0 (flows), to float32 rounding
+    torch.testing.assert_close(ddim.anchored_target(), z, atol=1e-5, rtol=0)
+    torch.testing.assert_close(flow.anchored_target(), z - x0.unsqueeze(1), atol=1e-5, rtol=0)

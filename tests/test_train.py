@@ -263,6 +263,21 @@ def test_the_anchored_forms_default_beta_scales_with_kappa_and_is_kept_on_resume
     assert read_metrics(tmp_path / "c")[0]["beta"] == 50.0
 
 
+def test_noised_anchor_points_train_without_inversion_and_refuse_a_cache(tiny_sdxl_path, pairs_dir, tmp_path,
+                                                                          capsys):
+    from train_inversion_dpo import parse_args
+
+    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--anchor_points", "noised"))
+    assert changed(unet_weights(tiny_sdxl_path), unet_weights(tmp_path))
+    assert all(row["loss"] > 0 for row in read_metrics(tmp_path))
+    for extra, message in ((["--inversion_cache_dir", str(tmp_path / "cache")], "drop --inversion_cache_dir"),
+                           (["--loss_type", "inversion_dpo_exact"], "inversion_dpo_x0 only")):
+        with pytest.raises(SystemExit):
+            parse_args(["--pretrained_model_name_or_path", "unused", "--dataset_name", "unused",
+                        "--anchor_points", "noised", *extra])
+        assert message in capsys.readouterr().err
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sdxl_path, pairs_dir, tmp_path):
     # Adam's normalised update turns gradient elements at rounding level into full +-lr steps whose sign depends on
     # how the batch was split; a large epsilon makes the update proportional to the gradient, so the comparison
