@@ -764,6 +764,33 @@ class NonFiniteGuard:
         self.total, self.in_a_row = state["total"], state["in_a_row"]
 
 
+class StepMeter:
+    """Seconds and peak memory of each optimiser step, from its first micro-batch to its update (logging, checkpoints
+    and validation left out): metrics.jsonl's seconds_per_step, and peak_memory_allocated_gib and
+    peak_memory_reserved_gib, the CUDA allocator's peaks on this (the main) process since the step began; null on
+    other devices, where they are not known."""
+
+    def __init__(self, device):
+        self.device, self.cuda, self.started = device, device.type == "cuda", None
+
+    def start(self):
+        """At each micro-batch; only the first of an optimiser step starts the clock."""
+        if self.started is None:
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self.started = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # the update's kernels are part of the step
+        seconds, self.started = time.perf_counter() - self.started, None
+        if not self.cuda:
+            return {"seconds_per_step": seconds, "peak_memory_allocated_gib": None, "peak_memory_reserved_gib": None}
+        return {"seconds_per_step": seconds,
+                "peak_memory_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
+                "peak_memory_reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2**30}
+
+
 class BetaRule:
     """The anchored form's default temperature (`--beta_dpo` not given): beta = --relative_beta / R, R the
     reference's step-weighted error on the first step's trajectories, averaged over every process
@@ -1257,6 +1284,7 @@ def main(args):
     step_metrics, step_rows = [], []
     zero_gradient_warned = False
     saturation = SaturationWatch()
+    meter = StepMeter(accelerator.device)
     started = time.perf_counter()
     denoiser.train()
     try:
@@ -1273,6 +1301,7 @@ def main(args):
                     logger.warning("skipping a batch whose rows were all unreadable")
                     continue
                 # Random draws are a function of the run's position, not of RNG history: a resumed run repeats them.
+                meter.start()
                 position = (args.seed, global_step, len(step_metrics), accelerator.process_index)
                 generator = torch.Generator().manual_seed(hash(position) & (2**63 - 1))
                 with accelerator.accumulate(denoiser):
@@ -1286,6 +1315,7 @@ def main(args):
                         logs = mean_metrics(accelerator, step_metrics)
                         finite = math.isfinite(logs["loss"]) and math.isfinite(grad_norm)
                         apply_update(accelerator, optimizer, lr_scheduler, finite)
+                        measured = meter.stop()
                 if not accelerator.sync_gradients:
                     continue
 
@@ -1295,7 +1325,7 @@ def main(args):
                 step_metrics, step_rows = [], []
                 logs.update(grad_norm=grad_norm, lr=lr_scheduler.get_last_lr()[0], epoch=epoch,
                             bad_rows=bad_rows.bad, nonfinite_steps=nonfinite.total, beta=args.beta_dpo,
-                            elapsed_s=time.perf_counter() - started)
+                            elapsed_s=time.perf_counter() - started, **measured)
                 logs["zero_gradient"] = float(logs["grad_norm"] == 0.0)
                 if cache is not None:
                     logs.update(cache.summary())

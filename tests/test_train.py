@@ -121,7 +121,13 @@ def test_checkpoints_validation_and_output_layout(tiny_sdxl_path, pairs_dir, tmp
     assert not list(tmp_path.glob(".incomplete-*"))
     grid = Image.open(tmp_path / "validation" / "step-000003.png")
     assert grid.size == (64 * 2, 64 * 2)  # prompts x seeds
-    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+    rows = read_metrics(tmp_path)
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    # each step's own seconds, without checkpoint saves or validation: disjoint parts of the run's elapsed time;
+    # peak memory is the CUDA allocator's, unknown (null) on a CPU
+    assert all(m["seconds_per_step"] > 0 for m in rows)
+    assert sum(m["seconds_per_step"] for m in rows) < rows[-1]["elapsed_s"]
+    assert all(m["peak_memory_allocated_gib"] is None and m["peak_memory_reserved_gib"] is None for m in rows)
     # the final UNet and every checkpoint load as the notebook loads them
     final = UNet2DConditionModel.from_pretrained(str(tmp_path), subfolder="unet")
     checkpoint = UNet2DConditionModel.from_pretrained(str(tmp_path / "checkpoint-3"), subfolder="unet")
