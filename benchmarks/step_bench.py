@@ -331,39 +331,14 @@ class Bench:
         self.optimizer.zero_grad(set_to_none=True)
 
     def count_flops(self, num_steps):
-        """(model FLOPs, executed FLOPs) of step(num_steps), run eagerly as configured. Executed FLOPs include the
-        forward passes that gradient checkpointing recomputes during backward; model FLOPs leave them out. The
-        recomputation is counted by a checkpoint function that reads the counter around each block's second run."""
-        from torch.utils.checkpoint import checkpoint
-        from torch.utils.flop_counter import FlopCounterMode
+        """(model FLOPs, executed FLOPs) of step(num_steps), run eagerly as configured, counted as the trainer counts
+        them (step_meter.FlopCount): executed FLOPs include the forward passes that gradient checkpointing recomputes
+        during backward; model FLOPs leave them out."""
+        from step_meter import FlopCount
 
-        counter = FlopCounterMode(display=False)
-        recomputed = [0]
-
-        def counting_checkpoint(block, *args):
-            runs = [0]
-
-            def run(*inputs):
-                runs[0] += 1
-                if runs[0] == 1:  # the forward pass
-                    return block(*inputs)
-                before = counter.get_total_flops()  # the recomputation, in backward (it may stop early)
-                try:
-                    return block(*inputs)
-                finally:
-                    recomputed[0] += counter.get_total_flops() - before
-
-            return checkpoint(run, *args, use_reentrant=False)
-
-        checkpointing = self.unwrapped.is_gradient_checkpointing
-        if checkpointing:
-            self.unwrapped.enable_gradient_checkpointing(counting_checkpoint)
-        with counter:
+        with FlopCount(self.unwrapped) as count:
             self.step(num_steps)
-        if checkpointing:
-            self.unwrapped.enable_gradient_checkpointing()  # back to diffusers' own checkpoint function
-        executed = counter.get_total_flops()
-        return executed - recomputed[0], executed
+        return count.model_flops, count.executed_flops
 
     def synchronise(self):
         if self.device.type == "cuda":
