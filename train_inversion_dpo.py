@@ -42,7 +42,7 @@ from inversion import (
     training_alphas,
     training_noise,
 )
-from step_meter import FlopCount, StepMeter, peak_tflops
+from step_meter import StepMeter
 from trajectory_cache import TrajectoryCache, weights_fingerprint
 
 logger = logging.getLogger("train_inversion_dpo")
@@ -281,9 +281,6 @@ def parse_args(input_args=None):
     output.add_argument("--checkpointing_steps", type=int, default=500, help="Save checkpoint-N every this many steps.")
     output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
     output.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint-N folder, or "latest".')
-    output.add_argument("--peak_tflops", type=float, default=None,
-                        help="The card's dense bf16 peak in TFLOP/s, for the mfu of metrics.jsonl (default: from "
-                             "the card's name, step_meter.DENSE_BF16_TFLOPS; unknown cards and CPUs log null).")
     output.add_argument("--save_pipeline", action="store_true", help="Also save the whole pipeline in output_dir.")
 
     logs = parser.add_argument_group("logging and validation")
@@ -358,8 +355,6 @@ def validate_args(parser, args):
         args.beta_dpo = DEFAULT_BETA[args.loss_type]
     if not args.relative_beta > 0:
         parser.error("--relative_beta must be positive")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        parser.error("--peak_tflops must be positive (the card's dense bf16 peak in TFLOP/s)")
     if args.anchor_points == "noised" and args.loss_type != "inversion_dpo_x0":
         parser.error("--anchor_points noised applies to --loss_type inversion_dpo_x0 only")
     if args.anchor_points == "noised" and args.inversion_cache_dir:
@@ -1263,14 +1258,7 @@ def main(args):
     step_metrics, step_rows = [], []
     zero_gradient_warned = False
     saturation = SaturationWatch()
-    meter = StepMeter(accelerator.device, peak_tflops(accelerator.device, args.peak_tflops))
-    # FLOPs counted over this invocation's first optimiser step (step_meter.FlopCount, as benchmarks/step_bench.py);
-    # not under torch.compile, FSDP or DeepSpeed, whose graphs the counter does not see whole
-    from accelerate.utils import DistributedType
-
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    flop_count = None if args.torch_compile or sharded else FlopCount(accelerator.unwrap_model(denoiser))
-    flops_per_step = None
+    meter = StepMeter(accelerator.device)
     started = time.perf_counter()
     denoiser.train()
     try:
@@ -1291,9 +1279,8 @@ def main(args):
                 position = (args.seed, global_step, len(step_metrics), accelerator.process_index)
                 generator = torch.Generator().manual_seed(hash(position) & (2**63 - 1))
                 with accelerator.accumulate(denoiser):
-                    with flop_count if flop_count is not None else contextlib.nullcontext():
-                        output = training_step(args, accelerator, denoiser, reference, prompt_encoder, models["vae"],
-                                               batch, schedule, weights, train_levels, generator, cache, beta_rule)
+                    output = training_step(args, accelerator, denoiser, reference, prompt_encoder, models["vae"], batch,
+                                           schedule, weights, train_levels, generator, cache, beta_rule)
                     step_metrics.append(output.metrics)
                     step_rows += batch["row_ids"].tolist()
                     if accelerator.sync_gradients:
@@ -1302,9 +1289,7 @@ def main(args):
                         logs = mean_metrics(accelerator, step_metrics)
                         finite = math.isfinite(logs["loss"]) and math.isfinite(grad_norm)
                         apply_update(accelerator, optimizer, lr_scheduler, finite)
-                        if flop_count is not None:
-                            flops_per_step, flop_count = flop_count.model_flops, None
-                        measured = meter.stop(flops_per_step)
+                        measured = meter.stop()
                 if not accelerator.sync_gradients:
                     continue
 
