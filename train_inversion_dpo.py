@@ -662,7 +662,7 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
     with gradient and backpropagates sum(dL/d(error) * error). Same gradient as one graph, memory of one chunk; under
     DDP only the last backward synchronises.
     """
-    if args.beta_dpo is None:  # a caller without the run's BetaRule (benchmarks): the rule, from this batch
+    if args.beta_dpo is None:  # the anchored form's rule, from the first batch (BetaRule)
         BetaRule(args).calibrate(accelerator, trajectories, weights)
     at = "end" if args.loss_type in AT_END_FORMS else "start"
     targets = loss_targets(args, trajectories)
@@ -768,8 +768,9 @@ class NonFiniteGuard:
 class BetaRule:
     """The anchored form's default temperature (`--beta_dpo` not given): beta = --relative_beta / R, R the
     reference's step-weighted error on the first step's trajectories, averaged over every process
-    (`losses.reference_scale`), then fixed for the run. It is written into `args.beta_dpo`, which the losses read,
-    and saved in checkpoints (`accelerator.register_for_checkpointing`), so a resumed run keeps the same beta."""
+    (`losses.reference_scale`), then fixed for the run. `trajectory_loss` calibrates it while `args.beta_dpo` is
+    unset and writes it there, where the losses read it; the run's instance saves it in checkpoints
+    (`accelerator.register_for_checkpointing`), so a resumed run keeps the same beta."""
 
     def __init__(self, args):
         self.args = args
@@ -1223,8 +1224,7 @@ def main(args):
 
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
     accelerator.register_for_checkpointing(nonfinite)
-    beta_rule = BetaRule(args)
-    accelerator.register_for_checkpointing(beta_rule)
+    accelerator.register_for_checkpointing(BetaRule(args))  # the anchored form's rule: its beta, kept on resume
 
     # 5. Resume.
     global_step, first_epoch, resume_batches = 0, 0, 0
@@ -1280,7 +1280,7 @@ def main(args):
                 generator = torch.Generator().manual_seed(hash(position) & (2**63 - 1))
                 with accelerator.accumulate(denoiser):
                     output = training_step(args, accelerator, denoiser, reference, prompt_encoder, models["vae"], batch,
-                                           schedule, weights, train_levels, generator, cache, beta_rule)
+                                           schedule, weights, train_levels, generator, cache)
                     step_metrics.append(output.metrics)
                     step_rows += batch["row_ids"].tolist()
                     if accelerator.sync_gradients:
@@ -1430,12 +1430,11 @@ def fill_cache(args, accelerator, dataloader, reference, prompt_encoder, vae, sc
 
 
 def training_step(args, accelerator, model, reference, prompt_encoder, vae, batch, schedule, weights, train_levels,
-                  generator, cache, beta_rule=None):
+                  generator, cache):
     """Encode, invert (reference, no gradient), evaluate the policy, backpropagate. Returns the `LossOutput`. With a
     warm cache the first two are reads, and the step runs the policy alone (diffusion_dpo: with the reference).
 
-    `generator` draws the noise and timesteps of diffusion_dpo and sft, and the --loss_timesteps subset. `beta_rule`
-    (the run's `BetaRule`) sets the anchored form's beta from the first batch's trajectories."""
+    `generator` draws the noise and timesteps of diffusion_dpo and sft, and the --loss_timesteps subset."""
     keys = None if cache is None else image_keys(args, cache, batch)
     latents, cond = encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys)
     if args.loss_type in NOISING_FORMS:
@@ -1449,8 +1448,6 @@ def training_step(args, accelerator, model, reference, prompt_encoder, vae, batc
         trajectories.reference_errors = reference_errors(args, reference, trajectories, cond, uncond)
     else:
         trajectories = invert_pairs(args, reference, latents, cond, uncond, schedule, cache, keys)
-    if beta_rule is not None:
-        beta_rule.calibrate(accelerator, trajectories, weights)
     return trajectory_loss(args, accelerator, model, trajectories, cond, uncond, weights, generator)
 
 

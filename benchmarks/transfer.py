@@ -94,7 +94,6 @@ class Transfer(Study):
             self.steps, self.every, self.curve = 2, 1, [1, 2]
         else:
             self.steps, self.every, self.curve = 60, 20, [20, 40, 60]
-        self.curve_samples = self.samples
 
     def setup(self):
         import toy_task
@@ -271,8 +270,8 @@ def explain(study, records, configs, path):
             spec = {k: v for k, v in config.items() if k != "name"}
             entry = {}
             for direction in ("for", "against"):
-                run = records[name_of({**spec, "task": task, "seed": 0, "direction": direction})]
-                run_dir = study.work / "runs" / name_of({**spec, "task": task, "seed": 0, "direction": direction})
+                name = name_of({**spec, "task": task, "seed": 0, "direction": direction})
+                run, run_dir = records[name], study.work / "runs" / name
                 pipe = toy_task.load_pipeline(study.model(task), run_dir)
                 entry[direction] = {"noising": why.value_errors(pipe, base.unet, images)}
                 if spec["loss"] in why.POINT:
