@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
-README_SECTION = 'the "Preference data" section of README.md'
+README_SECTION = 'docs/data.md ("Preference data")'
 PICKAPIC_NOTE = "yuvalkirstain/pickapic_v2 has been reported unavailable on the hub since 2025"
 
 LABEL_VALUES = (0.0, 0.5, 1.0)

@@ -7,9 +7,9 @@
 #    preference pairs ranking red above blue;
 # 2. trains it with train_inversion_dpo.py through accelerate, the code path of SDXL (VAE encoding, both text
 #    encoders, DDIM inversion by the reference, checkpoints) with the loss and settings that the alignment study
-#    (benchmarks/alignment.py, README "Choosing a loss") recommends: the anchored form, official weights, the policy
-#    at one stratified-drawn step of the 10 per pair (benchmarks/efficiency.py, README "What a step costs"), beta
-#    from the trainer's rule (40 / the reference's error on the first batch; README "Settings that transfer");
+#    (benchmarks/alignment.py, docs/study.md, "Choosing a loss") recommends: the anchored form, official weights, the policy
+#    at one stratified-drawn step of the 10 per pair (benchmarks/efficiency.py, docs/speed_and_memory.md, "What a step costs"), beta
+#    from the trainer's rule (40 / the reference's error on the first batch; docs/study.md, "Settings that transfer");
 # 3. samples the base and the tuned model from the same seeds and prints the fraction of red squares.
 #
 # DEMO_DIR chooses where everything goes (default demo_output/); extra arguments go to the trainer.

@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+import startup  # noqa: F401  (before diffusers: quiets two start-up warnings)
+
 logger = logging.getLogger("evaluate")
 
 PROMPT_SETS = {  # name -> (hub dataset, split, caption column)
@@ -305,9 +307,6 @@ def parse_args(input_args=None):
 
 
 def main(args):
-    from train_inversion_dpo import quiet_startup_warnings
-
-    quiet_startup_warnings()
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out_dir = Path(args.out_dir)
     prompts = load_prompts(args.prompts, args.max_prompts)

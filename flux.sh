@@ -2,29 +2,29 @@
 # Inversion-DPO on FLUX.1-dev (rectified flow, guidance-distilled), LoRA. Run it on a GPU node from the repository
 # root.
 #
-# No released recipe exists for this model; every default below is explained in README.md, "SD3 and FLUX".
+# No released recipe exists for this model; every default below is explained in docs/flow_models.md, "SD3 and FLUX".
 # Change any value through its environment variable, or append flags (they come last, so they win):
 #   DATASET_NAME=/data/pickapic_v2 OUTPUT_DIR=runs/flux bash flux.sh --max_train_steps 500
 # FLUX.1-dev has no unconditional branch: INVERSION_GUIDANCE_SCALE is the value of its guidance embedding, one call
-# per step. A full fine-tune of its 12B transformer needs FSDP (README.md, "Scaling to several GPUs and machines").
+# per step. A full fine-tune of its 12B transformer needs FSDP (docs/scaling.md, "Scaling to several GPUs and machines").
 # Several GPUs: put accelerate's flags in ACCELERATE_ARGS, e.g. "--multi_gpu --num_processes 8".
 set -euo pipefail
 cd "$(dirname "$0")"
 
 MODEL_NAME="${MODEL_NAME-black-forest-labs/FLUX.1-dev}"
-# Reported unavailable on the hub since 2025: see README.md, "Preference data", for mirrors and local copies.
+# Reported unavailable on the hub since 2025: see docs/data.md, "Preference data", for mirrors and local copies.
 DATASET_NAME="${DATASET_NAME-yuvalkirstain/pickapic_v2}"
 OUTPUT_DIR="${OUTPUT_DIR-tmp-flux}"
 MIXED_PRECISION="${MIXED_PRECISION-bf16}"
 RESOLUTION="${RESOLUTION-1024}"
 NUM_INFERENCE_STEPS="${NUM_INFERENCE_STEPS-28}"
-# The policy at one step per block of about 10 inversion steps, drawn stratified (README, "What a step costs": on both
+# The policy at one step per block of about 10 inversion steps, drawn stratified (docs/speed_and_memory.md, "What a step costs": on both
 # toys one such step per pair reached Diffusion-DPO's effect in under half its time, every seed); LOSS_TIMESTEPS=
 # (empty) evaluates every step, as released.
 LOSS_TIMESTEPS="${LOSS_TIMESTEPS-$(( (NUM_INFERENCE_STEPS + 9) / 10 ))}"
 INVERSION_GUIDANCE_SCALE="${INVERSION_GUIDANCE_SCALE-3.5}"
 MAX_SEQUENCE_LENGTH="${MAX_SEQUENCE_LENGTH-512}"
-# Empty: the anchored form's rule, beta = 40 / R with R the reference's own error on the first batch (README,
+# Empty: the anchored form's rule, beta = 40 / R with R the reference's own error on the first batch (docs/study.md,
 # "Settings that transfer"); a number sets beta (the released recipe's is 2000; other --loss_type values default to it).
 BETA_DPO="${BETA_DPO-}"
 RANK="${RANK-8}"

@@ -767,3 +767,29 @@ def noised_trajectory(latents, noise, schedule):
     noisy, _ = training_noise(x0, noise.flatten(0, 1), levels.repeat(batch), flow)
     points = torch.cat([latents.float().unsqueeze(1), noisy.unflatten(0, (batch, num_steps))], dim=1)
     return Trajectory(points, noise.float(), schedule)
+
+
+def standardised_trajectory(trajectory):
+    """The inversion path moved onto the sampling distribution's statistics: each point's noise relative to x_0,
+    eps^_i (DDIM x_i = sqrt(a_i) x_0 + sqrt(1 - a_i) eps^_i; flows x_i = (1 - sigma_i) x_0 + sigma_i eps^_i), is
+    standardised per image, step and channel over the spatial positions (mean 0, standard deviation 1, as a draw of
+    the sampler's starting noise has), and the point rebuilt from it. The inversion's spatial pattern stays; its
+    channel offsets and shrunken scale (which follow the image: docs/study.md, 'Settings that transfer') go. The anchored
+    targets of the new points are the standardised eps^_i (DDIM) and eps^_i - x_0 (flows). Candidate for the anchored
+    form (--anchor_points standardised); the step noise and stored reference terms no longer belong to these points
+    and are dropped. float32."""
+    schedule, points = trajectory.schedule, trajectory.latents.float()
+    flow = isinstance(schedule, FlowSchedule)
+    x0 = points[:, :1]
+    shape = (1, -1, *([1] * (points.ndim - 2)))
+    if flow:
+        keep = (1 - schedule.sigmas[1:].to(points.device)).reshape(shape)
+        spread = schedule.sigmas[1:].to(points.device).reshape(shape)
+    else:
+        alphas = schedule.alphas[1:].to(points.device).float()
+        keep, spread = alphas.sqrt().reshape(shape), (1 - alphas).sqrt().reshape(shape)
+    noise = (points[:, 1:] - keep * x0) / spread
+    spatial = tuple(range(3, points.ndim))
+    noise = (noise - noise.mean(spatial, keepdim=True)) / noise.std(spatial, keepdim=True).clamp_min(1e-6)
+    rebuilt = torch.cat([x0, keep * x0 + spread * noise], dim=1)
+    return Trajectory(rebuilt, trajectory.noise, schedule)

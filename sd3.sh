@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Inversion-DPO on SD3 / SD3.5 (rectified flow). Run it on a GPU node from the repository root.
 #
-# No released recipe exists for these models; every default below is explained in README.md, "SD3 and FLUX".
+# No released recipe exists for these models; every default below is explained in docs/flow_models.md, "SD3 and FLUX".
 # Change any value through its environment variable, or append flags (they come last, so they win):
 #   DATASET_NAME=/data/pickapic_v2 OUTPUT_DIR=runs/sd3 bash sd3.sh --max_train_steps 500
 # LoRA by default (USE_LORA=1); USE_LORA= (empty) fine-tunes the whole transformer with the SDXL recipe's optimiser
@@ -11,20 +11,20 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODEL_NAME="${MODEL_NAME-stabilityai/stable-diffusion-3.5-medium}"
-# Reported unavailable on the hub since 2025: see README.md, "Preference data", for mirrors and local copies.
+# Reported unavailable on the hub since 2025: see docs/data.md, "Preference data", for mirrors and local copies.
 DATASET_NAME="${DATASET_NAME-yuvalkirstain/pickapic_v2}"
 OUTPUT_DIR="${OUTPUT_DIR-tmp-sd3}"
 MIXED_PRECISION="${MIXED_PRECISION-bf16}"
 RESOLUTION="${RESOLUTION-1024}"
 NUM_INFERENCE_STEPS="${NUM_INFERENCE_STEPS-28}"
-# The policy at one step per block of about 10 inversion steps, drawn stratified (README, "What a step costs": on both
+# The policy at one step per block of about 10 inversion steps, drawn stratified (docs/speed_and_memory.md, "What a step costs": on both
 # toys one such step per pair reached Diffusion-DPO's effect in under half its time, every seed); LOSS_TIMESTEPS=
 # (empty) evaluates every step, as released.
 LOSS_TIMESTEPS="${LOSS_TIMESTEPS-$(( (NUM_INFERENCE_STEPS + 9) / 10 ))}"
 INVERSION_GUIDANCE_SCALE="${INVERSION_GUIDANCE_SCALE-2}"
 MAX_SEQUENCE_LENGTH="${MAX_SEQUENCE_LENGTH-256}"
 NO_T5="${NO_T5-}"
-# Empty: the anchored form's rule, beta = 40 / R with R the reference's own error on the first batch (README,
+# Empty: the anchored form's rule, beta = 40 / R with R the reference's own error on the first batch (docs/study.md,
 # "Settings that transfer"); a number sets beta (the released recipe's is 2000; other --loss_type values default to it).
 BETA_DPO="${BETA_DPO-}"
 USE_LORA="${USE_LORA-1}"

@@ -5,9 +5,9 @@
 # Change any value through its environment variable, or append flags (they come last, so they win):
 #   DATASET_NAME=/data/pickapic_v2 OUTPUT_DIR=runs/paper bash sdxl.sh --loss_type inversion_dpo
 # The loss is the trainer's default, the anchored form (inversion_dpo_x0): the inversion form whose preference effect
-# held on every seed of the colour toy (README, "Choosing a loss"); on the toy properties held out from every choice
+# held on every seed of the colour toy (docs/study.md, "Choosing a loss"); on the toy properties held out from every choice
 # (background, object count) it moved the model against the preference, where --loss_type diffusion_dpo followed it
-# (README, "Settings that transfer"). The released run's loss:
+# (docs/study.md, "Settings that transfer"). The released run's loss:
 #   LOSS_TIMESTEPS= bash sdxl.sh --loss_type inversion_dpo_official --inversion_steps_offset 0   (paper sign: inversion_dpo)
 # LEARNING_RATE is the released one; beta follows the reference's error scale (BETA_DPO below).
 # The released launcher's flags (--sdxl, --variant, --cache_dir, --cache_dir_model, --dataloader_num_workers) are
@@ -19,17 +19,17 @@ cd "$(dirname "$0")"
 MODEL_NAME="${MODEL_NAME-stabilityai/stable-diffusion-xl-base-1.0}"
 VAE="${VAE-madebyollin/sdxl-vae-fp16-fix}"
 VARIANT="${VARIANT-fp16}"
-# Reported unavailable on the hub since 2025: see README.md, "Preference data", for mirrors and local copies.
+# Reported unavailable on the hub since 2025: see docs/data.md, "Preference data", for mirrors and local copies.
 DATASET_NAME="${DATASET_NAME-yuvalkirstain/pickapic_v2}"
 OUTPUT_DIR="${OUTPUT_DIR-tmp-sdxl}"
 MIXED_PRECISION="${MIXED_PRECISION-bf16}"
 RESOLUTION="${RESOLUTION-1024}"
 NUM_INFERENCE_STEPS="${NUM_INFERENCE_STEPS-80}"
-# The policy at one step per block of about 10 inversion steps, drawn stratified (README, "What a step costs": on both
+# The policy at one step per block of about 10 inversion steps, drawn stratified (docs/speed_and_memory.md, "What a step costs": on both
 # toys one such step per pair reached Diffusion-DPO's effect in under half its time, every seed); LOSS_TIMESTEPS=
 # (empty) evaluates every step, as released.
 LOSS_TIMESTEPS="${LOSS_TIMESTEPS-$(( (NUM_INFERENCE_STEPS + 9) / 10 ))}"
-# Empty: the anchored form's rule, beta = 40 / R with R the reference's own error on the first batch (README,
+# Empty: the anchored form's rule, beta = 40 / R with R the reference's own error on the first batch (docs/study.md,
 # "Settings that transfer"); a number sets beta (the released recipe's is 2000; other --loss_type values default to it).
 BETA_DPO="${BETA_DPO-}"
 LEARNING_RATE="${LEARNING_RATE-1e-8}"

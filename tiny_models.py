@@ -15,6 +15,8 @@ import string
 import tempfile
 
 import torch
+
+import startup  # noqa: F401  (before diffusers: quiets two start-up warnings)
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+import startup  # noqa: F401  (before diffusers: quiets two start-up warnings)
 from inversion import (
     PromptEncoder,
     SD3PromptEncoder,
@@ -49,7 +50,8 @@ from tiny_models import build_tiny_sd3, build_tiny_sdxl
 SIZE = 32
 CAPTION = "a square"
 TASKS = {"colour": {"a square": "red"}, "warmcool": {"a warm square": "red", "a cool square": "blue"},
-         "background": {"a square": "light"}, "count": {"a square": "two"}, "position": {"a square": "left"}}
+         "background": {"a square": "light"}, "count": {"a square": "two"}, "position": {"a square": "left"},
+         "size": {"a square": "big"}, "orientation": {"a square": "wide"}}
 TRAINING_CAPTIONS = ("a square", "a warm square", "a cool square")
 # The warmcool task's toy is trained with its captions leaning to their colour (P(red) per caption; the others 1/2),
 # so that its UNet reads them; the colour task's toy draws the colour independently of the caption.
@@ -102,6 +104,52 @@ def render_position(half, rng):
     left = int(rng.integers(0, SIZE // 2 - side + 1)) + (SIZE // 2 if half == "right" else 0)
     image.paste(COLOURS[str(rng.choice(["red", "blue"]))], (left, top, left + side, top + side))
     return image
+
+
+def render_size(size, rng):
+    """One 32x32 image: a red or blue square on grey, big (side 15-18 px) or small (side 6-9 px), at a random place."""
+    image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    side = int(rng.integers(15, 19) if size == "big" else rng.integers(6, 10))
+    top, left = (int(v) for v in rng.integers(0, SIZE - side + 1, size=2))
+    image.paste(COLOURS[str(rng.choice(["red", "blue"]))], (left, top, left + side, top + side))
+    return image
+
+
+def render_orientation(orientation, rng):
+    """One 32x32 image: a red or blue bar on grey, 14-18 px long and 5-8 px thick, lying (wide) or standing (tall),
+    at a random place."""
+    image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
+    long, short = int(rng.integers(14, 19)), int(rng.integers(5, 9))
+    width, height = (long, short) if orientation == "wide" else (short, long)
+    top, left = int(rng.integers(0, SIZE - height + 1)), int(rng.integers(0, SIZE - width + 1))
+    image.paste(COLOURS[str(rng.choice(["red", "blue"]))], (left, top, left + width, top + height))
+    return image
+
+
+def foreground_mask(pixels, threshold=48):
+    """(B, H, W) bool: pixels that differ from the grey background by more than `threshold` (0-255) in a channel."""
+    grey = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((pixels.float() + 1) * 127.5 - grey).abs().amax(dim=1) > threshold
+
+
+def is_big(pixels):
+    """Per image (B,): True where the foreground covers more than 135 px, the geometric mean of the largest small
+    square's area (9 x 9 = 81 px) and the smallest big one's (15 x 15 = 225 px)."""
+    return foreground_mask(pixels).flatten(1).sum(dim=1) > 135
+
+
+def is_wide(pixels):
+    """Per image (B,): True where the foreground spreads more across than down (its columns' variance exceeds its
+    rows'); an empty image counts as not."""
+    mask = foreground_mask(pixels).float()  # (B, H, W)
+    mass = mask.sum(dim=(1, 2)).clamp(min=1)
+    index = torch.arange(pixels.shape[-1], dtype=torch.float32)
+
+    def variance(profile):  # profile (B, L): the mask summed over the other axis
+        mean = (profile * index).sum(dim=1) / mass
+        return (profile * (index - mean[:, None]) ** 2).sum(dim=1) / mass
+
+    return (mask.sum(dim=(1, 2)) > 0) & (variance(mask.sum(dim=1)) > variance(mask.sum(dim=2)))
 
 
 def to_tensor(images):
@@ -163,6 +211,8 @@ PROPERTIES = {
     "background": {"values": ("light", "dark"), "render": render_background, "detect": has_light_background},
     "count": {"values": ("two", "one"), "render": render_count, "detect": lambda pixels: object_count(pixels) >= 2},
     "position": {"values": ("left", "right"), "render": render_position, "detect": on_the_left},
+    "size": {"values": ("big", "small"), "render": render_size, "detect": is_big},
+    "orientation": {"values": ("wide", "tall"), "render": render_orientation, "detect": is_wide},
 }
 
 
@@ -442,9 +492,6 @@ def main():
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--task", choices=TASKS, default="colour", help="whose preferred colour is counted")
     args = parser.parse_args()
-    from train_inversion_dpo import quiet_startup_warnings
-
-    quiet_startup_warnings()
     try:
         run(args)
     except OSError as error:  # a read-only or full output location

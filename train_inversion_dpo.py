@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import startup  # noqa: F401  (first of the project's modules: it quiets two start-up warnings)
 import losses
 from inversion import (
     Conditioning,
@@ -35,6 +36,7 @@ from inversion import (
     invert,
     model_prediction,
     noised_trajectory,
+    standardised_trajectory,
     predict_on_trajectory,
     sdxl_time_ids,
     draw_training_levels,
@@ -42,7 +44,8 @@ from inversion import (
     training_alphas,
     training_noise,
 )
-from step_meter import StepMeter
+import memory_budget
+from step_meter import PHASES, FlopCount, StepMeter, StepProfile, peak_tflops, phase
 from trajectory_cache import TrajectoryCache, weights_fingerprint
 
 logger = logging.getLogger("train_inversion_dpo")
@@ -50,7 +53,7 @@ logger = logging.getLogger("train_inversion_dpo")
 # --beta_dpo when not given; the anchored form's None: the relative rule (--relative_beta, BetaRule)
 DEFAULT_BETA = {"inversion_dpo": 2000.0, "inversion_dpo_official": 2000.0, "inversion_dpo_exact": 2000.0,
                 "inversion_dpo_x0": None, "diffusion_dpo": 5000.0, "sft": None}
-RELATIVE_BETA = 40.0  # kappa of the anchored form's rule beta = kappa / R (README, "Choosing a loss")
+RELATIVE_BETA = 40.0  # kappa of the anchored form's rule beta = kappa / R (docs/study.md, "Choosing a loss")
 PAPER_FORMS = ("inversion_dpo", "inversion_dpo_official")
 AT_END_FORMS = ("inversion_dpo_exact", "inversion_dpo_x0")  # evaluated at x_i, with the reference's own term there
 NOISING_FORMS = ("diffusion_dpo", "sft")  # random noising of the clean latent, no inversion
@@ -75,30 +78,13 @@ MEMORY_FLAGS = ("--train_batch_size (lower, with more --gradient_accumulation_st
                 "--num_inference_steps")
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *fragments):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record):
-        return not any(fragment in record.getMessage() for fragment in self.fragments)
-
-
-def quiet_startup_warnings():
-    """Drop two warnings that every launch printed about things this project does not use, and nothing else:
-    transformers' note that torchvision is missing for image processors (the pipelines' safety-checker feature
-    extractors; the trainer never builds one), and diffusers' "modules that should be kept in float32: []" on a
-    dtype cast of a model that has no such module."""
-    logging.getLogger("transformers.utils.import_utils").addFilter(_DropMessages("requires torchvision (not installed)"))
-    logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropMessages("should be kept in float32: [].",))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(input_args=None):
+def build_parser():
+    """The command line, in groups (docs/flags.md is generated from it: python docs/make_flags.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     model = parser.add_argument_group("model")
@@ -117,6 +103,12 @@ def parse_args(input_args=None):
     model.add_argument("--no_t5", action="store_true",
                        help="SD3: run without the T5 encoder (zeros in its place, as StableDiffusion3Pipeline with "
                             "text_encoder_3=None): about 9 GB less memory. A model saved without T5 runs so anyway.")
+    model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the full model.")
+    model.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8).")
+    model.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
+    model.add_argument("--lora_target_modules", default=None,
+                       help="Comma-separated module names (default: UNets to_k,to_q,to_v,to_out.0; SD3 and FLUX "
+                            "also add_k_proj,add_q_proj,add_v_proj,to_add_out, the text stream of the joint blocks).")
 
     data = parser.add_argument_group("data (see data.py)")
     data.add_argument("--dataset_name", default=None, help="Hub id, or a local file or folder of preference pairs.")
@@ -139,112 +131,87 @@ def parse_args(input_args=None):
     data.add_argument("--dataloader_num_workers", type=int, default=0,
                       help="Processes decoding images; 0 decodes in the training process.")
 
-    method = parser.add_argument_group("method")
-    method.add_argument("--loss_type", default="inversion_dpo_x0", choices=losses.LOSS_TYPES,
-                        help="inversion_dpo_x0 (default): the anchored form (the denoising error toward x_0's "
-                             "noise, at the inversion's points); the one inversion form whose preference effect held "
-                             "on every seed of the colour task in the project's alignment study (README, 'Choosing a "
-                             "loss'; on its caption-decided task it had the largest mean effect, positive on every seed, but "
-                             "with an interval that includes 0, as every DPO form's did, Diffusion-DPO's too); on "
-                             "the toy properties held out from every choice (background, object count) it moved the "
-                             "model against the preference, where diffusion_dpo followed it (README, 'Settings that "
-                             "transfer'). "
-                             "inversion_dpo: the paper's loss; it has no gradient until something breaks the "
-                             "policy/reference tie, and its effect changed with the training seed there. "
-                             "inversion_dpo_official: the released code's sign (opposite to the paper; for "
-                             "reproduction only). inversion_dpo_exact: the trajectory-consistent form (moved the "
-                             "model against the preference there). diffusion_dpo, sft: baselines.")
-    method.add_argument("--beta_dpo", type=float, default=None,
-                        help="DPO temperature. Default: for inversion_dpo_x0 the relative rule (--relative_beta); "
-                             "2000 for the other inversion forms (the released recipe's), 5000 for diffusion_dpo.")
-    method.add_argument("--anchor_points", choices=["inversion", "noised"], default="inversion",
-                        help="Where the anchored form takes its errors: inversion (the method: the reference's DDIM "
-                             "inversion path) or noised (a diagnostic: fresh forward noisings of x_0 at the same N "
-                             "levels, the points Diffusion-DPO trains at; no inversion, no cache). Comparing the two "
-                             "separates the inversion path from the rest of the loss (README, 'Settings that "
-                             "transfer').")
-    method.add_argument("--relative_beta", type=float, default=RELATIVE_BETA,
-                        help="The anchored form's default temperature rule: beta = RELATIVE_BETA / R, where R is the "
-                             "reference's own step-weighted error on the first batch's trajectories (mean over every "
-                             "process's images of (1/N) sum_i w_i E_i(ref)), measured once, logged, and kept on "
-                             "resume. Beta in units of the model's own error, so that one value can carry over between "
-                             "models, resolutions, N and weightings, where an absolute beta does not (README, "
-                             "'Settings that transfer'). Ignored when --beta_dpo is given.")
-    method.add_argument("--num_inference_steps", type=int, default=80, help="DDIM inversion steps N.")
-    method.add_argument("--inversion_steps_offset", type=int, default=None,
-                        help="steps_offset of the inversion schedule (default: the model's scheduler config; SDXL "
-                             "says 1, timesteps 1, 13, ..., 949 at N = 80). The released code used 0 (0, 12, ..., "
-                             "948): give 0 to reproduce it.")
-    method.add_argument("--inversion_guidance_scale", type=float, default=2.0,
-                        help="Classifier-free guidance of the reference's inversion (and, unless "
-                             "--loss_guidance_scale says otherwise, of the loss's predictions); 1 runs the "
-                             "conditional branch only (half the compute).")
-    method.add_argument("--timestep_weighting", default="official", choices=losses.WEIGHTINGS,
-                        help="official: w_i = 1/(2 a(tau_i)); uniform: w_i = 1.")
-    method.add_argument("--trajectory_chunk_size", type=int, default=1,
-                        help="Inversion steps per model call along a trajectory (K). K < N computes the gradient K "
-                             "steps at a time: the same gradient as one graph, with the memory of one chunk, for "
-                             "one extra pass without gradient. K >= N holds all N steps in one graph, as released.")
+    inversion = parser.add_argument_group("inversion and its cache (see inversion.py, trajectory_cache.py)")
+    inversion.add_argument("--num_inference_steps", type=int, default=80, help="DDIM inversion steps N.")
+    inversion.add_argument("--inversion_steps_offset", type=int, default=None,
+                           help="steps_offset of the inversion schedule (default: the model's scheduler config; SDXL "
+                                "says 1, timesteps 1, 13, ..., 949 at N = 80). The released code used 0 (0, 12, ..., "
+                                "948): give 0 to reproduce it.")
+    inversion.add_argument("--inversion_guidance_scale", type=float, default=2.0,
+                           help="Classifier-free guidance of the reference's inversion (and, unless "
+                                "--loss_guidance_scale says otherwise, of the loss's predictions); 1 runs the "
+                                "conditional branch only (half the compute).")
+    inversion.add_argument("--anchor_points", choices=["inversion", "noised", "standardised"], default="inversion",
+                           help="Where the anchored form takes its errors: inversion (the method: the reference's DDIM "
+                                "inversion path) or noised (a diagnostic: fresh forward noisings of x_0 at the same N "
+                                "levels, the points Diffusion-DPO trains at; no inversion, no cache) or standardised (a "
+                                "candidate: the inversion path with each point's noise standardised per channel, "
+                                "inversion.standardised_trajectory; no cache). Comparing them separates the inversion "
+                                "path from the rest of the loss (docs/study.md, 'Settings that transfer').")
+    inversion.add_argument("--inversion_cache_dir", default=None,
+                           help="Keep what a step needs that does not depend on the policy here, and reuse it across "
+                                "epochs, runs and sweeps: each image's latent and caption conditioning (keyed by its "
+                                "pixels after crop and flip, caption, size ids and the encoders' weights) and its "
+                                "inversion trajectory with the reference's errors (keyed by that, the reference's "
+                                "weights and the settings). Warm, a step runs the policy alone (diffusion_dpo: the "
+                                "policy and reference, no VAE or text encoder).")
+    inversion.add_argument("--inversion_cache_dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                           help="bfloat16 halves the disk and rounds the stored noise; float32 reproduces an uncached "
+                                "run bit for bit.")
+    inversion.add_argument("--fill_inversion_cache", action="store_true",
+                           help="Only fill --inversion_cache_dir for the dataset and settings (every process takes its "
+                                "share), then exit.")
 
-    method.add_argument("--loss_timesteps", type=int, default=None,
-                        help="Evaluate the policy at M of the N steps per pair and update, drawn by "
-                             "--loss_timestep_sampling (default: all N). Each draw's estimate of S is unbiased; the "
-                             "loss of that estimate is not an unbiased estimate of the loss (README, 'What a step "
-                             "costs').")
-    method.add_argument("--loss_timestep_sampling", default=None, choices=losses.LOSS_STEP_SAMPLINGS,
-                        help="How --loss_timesteps draws its M steps (the same for a pair's winner and loser): "
-                             "stratified (the default: one step from each of M consecutive blocks of the schedule, "
-                             "proportional to w_i inside its block); weighted (M draws with probability proportional "
-                             "to the step's weight w_i, each term divided by its probability; at M = 1 the same "
-                             "draw as stratified); uniform (M distinct steps, equally likely: the draw before "
-                             "stratified became the default). METHOD.md section 8; README, 'What a step costs'.")
-    method.add_argument("--loss_guidance_scale", type=float, default=None,
-                        help="Classifier-free guidance of the policy's and reference's predictions in the exact and "
-                             "anchored losses (default: --inversion_guidance_scale). 1 compares the conditional "
-                             "predictions alone, as Diffusion-DPO does: one model pass per trajectory point instead "
-                             "of two, whatever guidance the inversion followed. FLUX: its guidance embedding. The "
-                             "paper forms compare with the inversion's own predictions, so they take the inversion's.")
-
-    cache = parser.add_argument_group("trajectory cache (see trajectory_cache.py)")
-    cache.add_argument("--inversion_cache_dir", default=None,
-                       help="Keep what a step needs that does not depend on the policy here, and reuse it across "
-                            "epochs, runs and sweeps: each image's latent and caption conditioning (keyed by its "
-                            "pixels after crop and flip, caption, size ids and the encoders' weights) and its "
-                            "inversion trajectory with the reference's errors (keyed by that, the reference's "
-                            "weights and the settings). Warm, a step runs the policy alone (diffusion_dpo: the "
-                            "policy and reference, no VAE or text encoder).")
-    cache.add_argument("--inversion_cache_dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                       help="bfloat16 halves the disk and rounds the stored noise; float32 reproduces an uncached "
-                            "run bit for bit.")
-    cache.add_argument("--fill_inversion_cache", action="store_true",
-                       help="Only fill --inversion_cache_dir for the dataset and settings (every process takes its "
-                            "share), then exit.")
-
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--use_lora", action="store_true", help="Train LoRA adapters instead of the full model.")
-    lora.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8).")
-    lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
-    lora.add_argument("--lora_target_modules", default=None,
-                      help="Comma-separated module names (default: UNets to_k,to_q,to_v,to_out.0; SD3 and FLUX "
-                           "also add_k_proj,add_q_proj,add_v_proj,to_add_out, the text stream of the joint blocks).")
-
-    precision = parser.add_argument_group("precision and memory")
-    precision.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                           help="Default: accelerate's config. Trainable weights stay fp32.")
-    precision.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
-    precision.add_argument("--gradient_checkpointing", action="store_true",
-                           help="Recompute the model's activations in backward: less memory, more compute.")
-    precision.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                           help="xformers attention (default: PyTorch SDPA).")
-    precision.add_argument("--torch_compile", action="store_true",
-                           help="torch.compile the policy and reference models in place (state dicts and "
-                                "checkpoints unchanged). The first steps compile, and so does each new batch shape.")
-    precision.add_argument("--torch_compile_backend", default=None,
-                           help="torch.compile backend (default inductor; eager checks the wiring without "
-                                "generating code).")
-    precision.add_argument("--torch_compile_mode", default=None,
-                           choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                           help="inductor's compile mode (default: default).")
+    loss = parser.add_argument_group("loss (see losses.py)")
+    loss.add_argument("--loss_type", default="inversion_dpo_x0", choices=losses.LOSS_TYPES,
+                      help="inversion_dpo_x0 (default): the anchored form (the denoising error toward x_0's "
+                           "noise, at the inversion's points); the one inversion form whose preference effect held "
+                           "on every seed of the colour task in the project's alignment study (README, 'Choosing a "
+                           "loss'; on its caption-decided task it had the largest mean effect, positive on every seed, but "
+                           "with an interval that includes 0, as every DPO form's did, Diffusion-DPO's too); on "
+                           "the toy properties held out from every choice (background, object count) it moved the "
+                           "model against the preference, where diffusion_dpo followed it (README, 'Settings that "
+                           "transfer'). "
+                           "inversion_dpo: the paper's loss; it has no gradient until something breaks the "
+                           "policy/reference tie, and its effect changed with the training seed there. "
+                           "inversion_dpo_official: the released code's sign (opposite to the paper; for "
+                           "reproduction only). inversion_dpo_exact: the trajectory-consistent form (moved the "
+                           "model against the preference there). diffusion_dpo, sft: baselines.")
+    loss.add_argument("--beta_dpo", type=float, default=None,
+                      help="DPO temperature. Default: for inversion_dpo_x0 the relative rule (--relative_beta); "
+                           "2000 for the other inversion forms (the released recipe's), 5000 for diffusion_dpo.")
+    loss.add_argument("--relative_beta", type=float, default=RELATIVE_BETA,
+                      help="The anchored form's default temperature rule: beta = RELATIVE_BETA / R, where R is the "
+                           "reference's own step-weighted error on the first batch's trajectories (mean over every "
+                           "process's images of (1/N) sum_i w_i E_i(ref)), measured once, logged, and kept on "
+                           "resume. Beta in units of the model's own error, so that one value can carry over between "
+                           "models, resolutions, N and weightings, where an absolute beta does not (README, "
+                           "'Settings that transfer'). Ignored when --beta_dpo is given.")
+    loss.add_argument("--timestep_weighting", default="official", choices=losses.WEIGHTINGS,
+                      help="official: w_i = 1/(2 a(tau_i)); uniform: w_i = 1.")
+    loss.add_argument("--loss_timesteps", type=int, default=None,
+                      help="Evaluate the policy at M of the N steps per pair and update, drawn by "
+                           "--loss_timestep_sampling (default: all N). Each draw's estimate of S is unbiased; the "
+                           "loss of that estimate is not an unbiased estimate of the loss (README, 'What a step "
+                           "costs').")
+    loss.add_argument("--loss_timestep_sampling", default=None, choices=losses.LOSS_STEP_SAMPLINGS,
+                      help="How --loss_timesteps draws its M steps (the same for a pair's winner and loser): "
+                           "stratified (the default: one step from each of M consecutive blocks of the schedule, "
+                           "proportional to w_i inside its block); weighted (M draws with probability proportional "
+                           "to the step's weight w_i, each term divided by its probability; at M = 1 the same "
+                           "draw as stratified); uniform (M distinct steps, equally likely: the draw before "
+                           "stratified became the default). METHOD.md section 8; docs/speed_and_memory.md, 'What a step costs'.")
+    loss.add_argument("--loss_guidance_scale", type=float, default=None,
+                      help="Classifier-free guidance of the policy's and reference's predictions in the exact and "
+                           "anchored losses (default: --inversion_guidance_scale). 1 compares the conditional "
+                           "predictions alone, as Diffusion-DPO does: one model pass per trajectory point instead "
+                           "of two, whatever guidance the inversion followed. FLUX: its guidance embedding. The "
+                           "paper forms compare with the inversion's own predictions, so they take the inversion's.")
+    loss.add_argument("--init_perturbation", type=float, default=0.0,
+                      help="Add Gaussian noise to the trainable weights before training: std this times each "
+                           "tensor's RMS, or this itself for an all-zero tensor (LoRA's B). A symmetry breaker for "
+                           "studying the paper and released forms, which have no gradient while the policy equals "
+                           "the reference (docs/study.md, 'Zero gradient at the start'); 0 (default) adds none.")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--learning_rate", type=float, default=1e-8, help="Peak learning rate (before --scale_lr).")
@@ -270,35 +237,92 @@ def parse_args(input_args=None):
     optim.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (overrides epochs).")
     optim.add_argument("--num_train_epochs", type=int, default=1, help="Epochs, when --max_train_steps is not given.")
     optim.add_argument("--seed", type=int, default=0, help="Seed of weights init (LoRA), data order, crops and noise.")
-    optim.add_argument("--init_perturbation", type=float, default=0.0,
-                       help="Add Gaussian noise to the trainable weights before training: std this times each "
-                            "tensor's RMS, or this itself for an all-zero tensor (LoRA's B). A symmetry breaker for "
-                            "studying the paper and released forms, which have no gradient while the policy equals "
-                            "the reference (README, 'Zero gradient at the start'); 0 (default) adds none.")
 
-    output = parser.add_argument_group("checkpoints and output")
+    speed = parser.add_argument_group("memory, speed and scaling (several GPUs: accelerate config)")
+    speed.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                       help="Default: accelerate's config. Trainable weights stay fp32.")
+    speed.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
+    speed.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute the model's activations in backward: less memory, more compute.")
+    speed.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="xformers attention (default: PyTorch SDPA).")
+    speed.add_argument("--trajectory_chunk_size", type=chunk_size, default=1,
+                       help="Inversion steps per model call along a trajectory (K). K < N computes the gradient K "
+                            "steps at a time: the same gradient as one graph, with the memory of one chunk, for "
+                            "one extra pass without gradient. K >= N holds all N steps in one graph, as released. "
+                            "auto: the largest K whose memory budget (--memory_budget) fits the card.")
+    speed.add_argument("--torch_compile", action="store_true",
+                       help="torch.compile the policy and reference models in place (state dicts and "
+                            "checkpoints unchanged). The first steps compile, and so does each new batch shape.")
+    speed.add_argument("--torch_compile_backend", default=None,
+                       help="torch.compile backend (default inductor; eager checks the wiring without "
+                            "generating code).")
+    speed.add_argument("--torch_compile_mode", default=None,
+                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                       help="inductor's compile mode (default: default).")
+    speed.add_argument("--memory_budget", action="store_true",
+                       help="Print the run's expected peak memory, part by part, and the flags that would bring "
+                            "it under the card's memory, then exit without training (loads the policy, not the "
+                            "reference; runs one small probe of its activations).")
+    speed.add_argument("--memory_limit_gib", type=float, default=None,
+                       help="The memory the budget and --trajectory_chunk_size auto fit into (default: the "
+                            "card's total memory; unknown on a CPU, where auto takes every step).")
+    speed.add_argument("--profile_step", type=int, default=None,
+                       help="Profile optimiser step K of this invocation's run (torch.profiler, CPU and CUDA): "
+                            "profile_step_K.txt (the profiler's table) and profile_step_K.json (top kernels, "
+                            "the shares of time in matmul, attention and the rest) in output_dir.")
+    speed.add_argument("--peak_tflops", type=float, default=None,
+                       help="The card's dense bf16 peak in TFLOP/s, for the mfu of metrics.jsonl (default: "
+                            "from the card's name, step_meter.DENSE_BF16_TFLOPS; unknown cards and CPUs log null). "
+                            "Where a peak is known the run's first step is FLOP-counted (and slower).")
+
+    output = parser.add_argument_group("checkpoints and logging")
     output.add_argument("--output_dir", default="inversion-dpo-output", help="Where everything is written.")
     output.add_argument("--checkpointing_steps", type=int, default=500, help="Save checkpoint-N every this many steps.")
     output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
     output.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint-N folder, or "latest".')
     output.add_argument("--save_pipeline", action="store_true", help="Also save the whole pipeline in output_dir.")
+    output.add_argument("--push_to_hub", action="store_true",
+                        help="Upload output_dir (the model, the LoRA file, the model card, metrics; not the "
+                             "checkpoints) to the hub at the end, as the diffusers examples do. Untested here (no "
+                             "network): everything up to the upload is.")
+    output.add_argument("--hub_model_id", default=None,
+                        help="The hub repository to create or update (default: output_dir's name under your user).")
+    output.add_argument("--hub_token", default=None,
+                        help="A hub token (default: the one `huggingface-cli login` stored). Not with "
+                             "--report_to wandb, which would log it.")
+    output.add_argument("--report_to", default=None,
+                        help='tensorboard (default when installed), wandb, all, or "none".')
+    output.add_argument("--logging_dir", default="logs", help="Tracker logs, under output_dir.")
+    output.add_argument("--tracker_project_name", default="inversion-dpo", help="Project name in the trackers.")
+    output.add_argument("--validation_prompts", nargs="*", default=None,
+                        help="Prompts sampled every --validation_steps (none: no validation).")
+    output.add_argument("--validation_steps", type=int, default=200, help="Optimiser steps between validations.")
+    output.add_argument("--validation_seeds", type=int, nargs="+", default=[0, 1],
+                        help="One image per prompt and seed; the grid has a row per prompt.")
+    output.add_argument("--validation_guidance_scale", type=float, default=5.0, help="Guidance for validation images.")
+    output.add_argument("--validation_num_inference_steps", type=int, default=25, help="Sampling steps for validation.")
+    return parser
 
-    logs = parser.add_argument_group("logging and validation")
-    logs.add_argument("--report_to", default=None,
-                      help='tensorboard (default when installed), wandb, all, or "none".')
-    logs.add_argument("--logging_dir", default="logs", help="Tracker logs, under output_dir.")
-    logs.add_argument("--tracker_project_name", default="inversion-dpo", help="Project name in the trackers.")
-    logs.add_argument("--validation_prompts", nargs="*", default=None,
-                      help="Prompts sampled every --validation_steps (none: no validation).")
-    logs.add_argument("--validation_steps", type=int, default=200, help="Optimiser steps between validations.")
-    logs.add_argument("--validation_seeds", type=int, nargs="+", default=[0, 1],
-                      help="One image per prompt and seed; the grid has a row per prompt.")
-    logs.add_argument("--validation_guidance_scale", type=float, default=5.0, help="Guidance for validation images.")
-    logs.add_argument("--validation_num_inference_steps", type=int, default=25, help="Sampling steps for validation.")
 
+def parse_args(input_args=None):
+    parser = build_parser()
     args = parser.parse_args(input_args)
     validate_args(parser, args)
     return args
+
+
+def chunk_size(value):
+    """--trajectory_chunk_size: a positive integer, or auto."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number of steps, at least 1, or auto")
+    return number
 
 
 def validate_args(parser, args):
@@ -341,8 +365,6 @@ def validate_args(parser, args):
         parser.error("--init_perturbation must be 0 or more")
     if args.max_nonfinite_steps < 1:
         parser.error("--max_nonfinite_steps must be at least 1")
-    if args.trajectory_chunk_size < 1:
-        parser.error("--trajectory_chunk_size must be at least 1")
     if args.fill_inversion_cache and not args.inversion_cache_dir:
         parser.error("--fill_inversion_cache needs --inversion_cache_dir")
     if args.streaming and args.max_train_steps is None and not args.fill_inversion_cache:
@@ -355,10 +377,22 @@ def validate_args(parser, args):
         args.beta_dpo = DEFAULT_BETA[args.loss_type]
     if not args.relative_beta > 0:
         parser.error("--relative_beta must be positive")
-    if args.anchor_points == "noised" and args.loss_type != "inversion_dpo_x0":
-        parser.error("--anchor_points noised applies to --loss_type inversion_dpo_x0 only")
-    if args.anchor_points == "noised" and args.inversion_cache_dir:
-        parser.error("--anchor_points noised draws new points every step: drop --inversion_cache_dir")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        parser.error("--hub_token with --report_to wandb would log the token: log in with `huggingface-cli login` "
+                     "instead and drop --hub_token")
+    if (args.hub_model_id or args.hub_token) and not args.push_to_hub:
+        parser.error("--hub_model_id and --hub_token apply to --push_to_hub; add it or drop them")
+    if args.profile_step is not None and args.profile_step < 1:
+        parser.error("--profile_step counts optimiser steps from 1")
+    if args.memory_limit_gib is not None and not args.memory_limit_gib > 0:
+        parser.error("--memory_limit_gib must be positive")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        parser.error("--peak_tflops must be positive (the card's dense bf16 peak in TFLOP/s)")
+    if args.anchor_points != "inversion" and args.loss_type != "inversion_dpo_x0":
+        parser.error(f"--anchor_points {args.anchor_points} applies to --loss_type inversion_dpo_x0 only")
+    if args.anchor_points != "inversion" and args.inversion_cache_dir:
+        parser.error(f"--anchor_points {args.anchor_points} computes its points and reference terms every step: "
+                     "drop --inversion_cache_dir")
     if args.use_lora:
         args.rank = args.rank or 8
         args.lora_alpha = args.lora_alpha or args.rank
@@ -682,21 +716,24 @@ def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weigh
         return loss_fn(errors_w, errors_l, step_weights, args.beta_dpo)
 
     if args.trajectory_chunk_size >= len(steps):
-        output = loss_of(policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps))
-        accelerator.backward(output.loss)
+        with phase("loss pass"):
+            output = loss_of(policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps))
+        with phase("backward"):
+            accelerator.backward(output.loss)
         return output
 
-    with torch.no_grad():
+    with phase("loss pass"), torch.no_grad():
         errors = policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps)
     errors.requires_grad_(True)
     with torch.enable_grad():
         output = loss_of(errors)
         (factor,) = torch.autograd.grad(output.loss, errors)
     chunks = torch.arange(len(steps)).split(args.trajectory_chunk_size)  # positions in `steps`
-    for index, positions in enumerate(chunks):
-        with contextlib.nullcontext() if index == len(chunks) - 1 else accelerator.no_sync(policy):
-            chunk_errors = policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps[positions])
-            accelerator.backward((factor[:, positions] * chunk_errors).sum())
+    with phase("backward"):  # each chunk's policy pass again, with its graph, then its backward
+        for index, positions in enumerate(chunks):
+            with contextlib.nullcontext() if index == len(chunks) - 1 else accelerator.no_sync(policy):
+                chunk_errors = policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps[positions])
+                accelerator.backward((factor[:, positions] * chunk_errors).sum())
     output.loss = output.loss.detach()
     return output
 
@@ -711,6 +748,16 @@ def noising_loss(args, accelerator, policy, reference, latents_w, latents_l, con
     levels, timesteps = draw_training_levels(train_levels, latents_w.shape[0], flow, generator)
     noise = torch.randn(latents_w.shape, generator=generator).to(device)
     levels, timesteps = levels.to(device), timesteps.to(device)
+    with phase("loss pass"):
+        output = noising_loss_value(args, policy, reference, latents_w, latents_l, cond, levels, timesteps, noise,
+                                    flow, guidance)
+    with phase("backward"):
+        accelerator.backward(output.loss)  # accelerate divides by the accumulation steps
+    return output
+
+
+def noising_loss_value(args, policy, reference, latents_w, latents_l, cond, levels, timesteps, noise, flow, guidance):
+    """The forward half of `noising_loss`: the policy's (and for diffusion_dpo the reference's) errors, the loss."""
     if args.loss_type == "sft":
         noisy, target = training_noise(latents_w, noise, levels, flow)
         output = losses.sft(losses.squared_error(model_prediction(policy, noisy, timesteps, cond, guidance), target))
@@ -725,7 +772,6 @@ def noising_loss(args, accelerator, policy, reference, latents_w, latents_l, con
         policy_w, policy_l = losses.squared_error(policy_pred, target).chunk(2)
         reference_w, reference_l = losses.squared_error(reference_pred, target).chunk(2)
         output = losses.diffusion_dpo(policy_w, reference_w, policy_l, reference_l, args.beta_dpo)
-    accelerator.backward(output.loss)  # accelerate divides by the accumulation steps
     return output
 
 
@@ -763,6 +809,94 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state):
         self.total, self.in_a_row = state["total"], state["in_a_row"]
+
+
+def activation_probe(args, accelerator, models, denoiser, prompt_encoder):
+    """Bytes the policy's graph holds per image at --resolution: one forward and backward (to the input only) of the
+    policy as configured (dtype, autocast, checkpointing), one image at two small resolutions, extrapolated in pixel
+    count (memory_budget.graph_bytes, memory_budget.extrapolate). Random draws from a generator of its own."""
+    vae_config = models["vae"].config
+    scale = 2 ** (len(vae_config.block_out_channels) - 1)
+    generator = torch.Generator().manual_seed(0)
+    measured = {}
+    for side in memory_budget.probe_sizes(args.resolution // scale):
+        size = side * scale
+        with torch.no_grad():
+            cond = prompt_encoder.encode(["a probe"], [[size, size]], [[0, 0]], (size, size))
+        latents = torch.randn((1, vae_config.latent_channels, side, side), generator=generator)
+        latents = latents.to(accelerator.device).requires_grad_(True)
+        timesteps = torch.full((1,), 500, device=accelerator.device)  # DDPM t, or sigma 0.5 x 1000 for flows
+        timesteps = timesteps if cond.kind == "unet" else timesteps.float()
+
+        def forward():
+            with accelerator.autocast():
+                return model_prediction(denoiser, latents, timesteps, cond, args.loss_guidance_scale)
+
+        measured[side] = memory_budget.graph_bytes(forward, latents, exclude=list(denoiser.parameters()))
+    return memory_budget.extrapolate(measured, args.resolution // scale)
+
+
+def memory_plan(args, accelerator, kind, models, denoiser, prompt_encoder, weight_dtype, cache):
+    """The run's memory budget (memory_budget.Budget), its RunShape and Sizes: counted from the loaded modules,
+    the optimiser's rules and the activation probe, before the reference loads."""
+    parameters = dict(denoiser.named_parameters())
+    base = sum(p.numel() for name, p in parameters.items() if "lora_" not in name)
+    dtype_bytes = torch.finfo(weight_dtype).bits // 8
+    targets = args.lora_target_modules or DEFAULT_LORA_TARGETS[MODEL_KINDS[kind][1]]
+    lora_shapes = memory_budget.lora_parameter_shapes(denoiser, args.rank or 8, targets)
+    sizes = memory_budget.Sizes(
+        policy_bytes=memory_budget.module_bytes(denoiser),
+        trainable_shapes=[tuple(p.shape) for p in parameters.values() if p.requires_grad],
+        reference_bytes=base * dtype_bytes,
+        frozen_bytes=memory_budget.module_bytes(*models["text_encoders"], models["vae"]),
+        activation_per_image=activation_probe(args, accelerator, models, denoiser, prompt_encoder),
+        lora_policy_bytes=base * dtype_bytes + 4 * sum(torch.Size(s).numel() for s in lora_shapes),
+        lora_shapes=lora_shapes)
+    optimizer = "adafactor" if args.use_adafactor else "adamw8bit" if args.use_8bit_adam else "adamw"
+    evaluated = args.loss_timesteps or args.num_inference_steps
+    shape = memory_budget.RunShape(
+        loss_type=args.loss_type, batch_size=args.train_batch_size,
+        chunk=evaluated if args.trajectory_chunk_size == "auto" else args.trajectory_chunk_size,
+        evaluated=evaluated, guidance=args.loss_guidance_scale, optimizer=optimizer, lora=args.use_lora,
+        reference_loaded=not args.use_lora and args.loss_type != "sft" and cache is None,
+        processes=accelerator.num_processes, sharded=accelerator.is_fsdp2)
+    limit = None
+    if args.memory_limit_gib is not None:
+        limit = int(args.memory_limit_gib * memory_budget.GIB)
+    elif accelerator.device.type == "cuda":
+        limit = torch.cuda.get_device_properties(accelerator.device).total_memory
+    if args.trajectory_chunk_size == "auto":
+        shape.chunk = memory_budget.largest_chunk(shape, sizes, limit)
+        args.trajectory_chunk_size = shape.chunk
+        logger.info("--trajectory_chunk_size auto: %d (%s)", shape.chunk, "every evaluated step: no memory limit "
+                    "known" if limit is None else f"the largest that fits {memory_budget.size(limit)}")
+    budget = memory_budget.plan(shape, sizes, limit)
+    if cache is not None and not args.use_lora and args.loss_type != "sft":
+        budget.notes.append(f"with a warm trajectory cache; a cold one loads the reference too: "
+                            f"+{sizes.reference_bytes / memory_budget.GIB:.2f} GiB")
+    return budget, shape, sizes
+
+
+def report_budget(budget, shape, sizes, out):
+    """The budget's lines, and when it does not fit, the flag changes that would (or come nearest), to `out`."""
+    out(f"memory budget (one process{', ' + str(shape.processes) + ' processes' if shape.processes > 1 else ''}):")
+    for line in budget.lines():
+        out(line)
+    if not budget.fits:
+        out("flags that would bring it under the limit (each alone; the nearest first when none does):")
+        for flags, other in memory_budget.alternatives(shape, sizes, budget.limit)[:6]:
+            out(f"  {flags}: {memory_budget.size(other.total)}{'' if other.fits else ' (still over)'}")
+
+
+def flop_counter(args, accelerator, denoiser, meter):
+    """A FlopCount for the run's first optimiser step when an MFU can come of it (the card's peak is known), else
+    None. Not under torch.compile, FSDP or DeepSpeed, whose graphs the counter does not see whole."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if meter.peak is None or args.torch_compile or sharded:
+        return None
+    return FlopCount(accelerator.unwrap_model(denoiser))
 
 
 class BetaRule:
@@ -929,6 +1063,93 @@ def full_model(accelerator, args, kind, model):
     return plain
 
 
+CARD = """---
+{metadata}
+---
+
+# {title}
+
+{kind_name} fine-tuned on pairwise preferences with Inversion-DPO ({loss_type}), from
+[{base}]({base_link}){data}.
+
+| setting | value |
+|---|---|
+{settings}
+
+{metrics}{grid}## Use
+
+```python
+{usage}
+```
+
+Trained with train_inversion_dpo.py; every flag of the run is in `training_config.json`, every step's metrics in
+`metrics.jsonl`.
+"""
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+             "flux": "FluxPipeline"}
+
+
+def model_card(args, kind, output_dir):
+    """The text of output_dir/README.md: the base model, the data, the loss and its settings, the steps, the last
+    metrics row, the last validation grid, and how to load the result (full model or LoRA)."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (output_dir / "metrics.jsonl").exists() else []
+    last = rows[-1] if rows else {}
+    beta = last.get("beta", args.beta_dpo)
+    settings = {"loss": args.loss_type, "beta": "-" if beta is None else f"{beta:.4g}",
+                "inversion steps N": args.num_inference_steps, "inversion guidance": args.inversion_guidance_scale,
+                "policy steps per pair": args.loss_timesteps or args.num_inference_steps,
+                "timestep weighting": args.timestep_weighting, "learning rate": args.learning_rate,
+                "optimiser steps": last.get("step", 0), "pairs per process and micro-step": args.train_batch_size,
+                "gradient accumulation": args.gradient_accumulation_steps, "resolution": args.resolution,
+                "mixed precision": args.mixed_precision or "accelerate's", "LoRA rank": args.rank if args.use_lora
+                else "- (full fine-tune)", "seed": args.seed}
+    metrics = ""
+    if last:
+        shown = {k: last[k] for k in ("loss", "implicit_accuracy", "margin", "saturated", "score_w", "score_l")
+                 if last.get(k) is not None}
+        metrics = ("## Last step's metrics\n\n" + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()) + "\n\n")
+    grids = sorted((output_dir / "validation").glob("step-*.png")) if (output_dir / "validation").exists() else []
+    grid = f"## Validation\n\n![validation grid](validation/{grids[-1].name})\n\n" if grids else ""
+    pipeline = PIPELINES[kind]
+    base = args.pretrained_model_name_or_path
+    if args.use_lora:
+        usage = (f"from diffusers import {pipeline}\npipe = {pipeline}.from_pretrained(\"{base}\")\n"
+                 "pipe.load_lora_weights(\"PATH_OR_REPO\")")
+    else:
+        subfolder, model_class = MODEL_KINDS[kind][1:]
+        usage = (f"from diffusers import {model_class}, {pipeline}\n"
+                 f"model = {model_class}.from_pretrained(\"PATH_OR_REPO\", subfolder=\"{subfolder}\")\n"
+                 f"pipe = {pipeline}.from_pretrained(\"{base}\", {subfolder}=model)")
+    dataset = args.dataset_name or args.train_data_dir
+    local_base = Path(base).exists()
+    metadata = "\n".join(["license: other", "library_name: diffusers", "tags:", "- text-to-image", "- diffusers",
+                           "- inversion-dpo", "- dpo" + ("\n- lora" if args.use_lora else "")]
+                          + ([] if local_base else [f"base_model: {base}"]))
+    return CARD.format(metadata=metadata, title=args.hub_model_id or output_dir.resolve().name,
+                       kind_name={"sd": "A Stable Diffusion model", "sdxl": "SDXL", "sd3": "SD3",
+                                  "flux": "FLUX.1"}[kind] + (" (LoRA)" if args.use_lora else ""),
+                       loss_type=args.loss_type, base=base,
+                       base_link=base if local_base else f"https://huggingface.co/{base}",
+                       data=f", on {dataset}" if dataset else "",
+                       settings="\n".join(f"| {k} | {v} |" for k, v in settings.items()), metrics=metrics,
+                       grid=grid, usage=usage)
+
+
+def write_model_card(args, kind, output_dir):
+    (output_dir / "README.md").write_text(model_card(args, kind, output_dir))
+
+
+def upload_to_hub(args, output_dir, repo_id):
+    """--push_to_hub: output_dir to `repo_id` (huggingface_hub.upload_folder), checkpoints and logs left out."""
+    import huggingface_hub
+
+    huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=args.hub_token,
+                                  commit_message="End of training",
+                                  ignore_patterns=["checkpoint-*/**", "checkpoint-*", ".incomplete-*", "logs/**"])
+    logger.info("uploaded %s to https://huggingface.co/%s", output_dir, repo_id)
+
+
 def save_model(model, args, kind, folder):
     """unet/ or transformer/ in diffusers format (full), or the pipeline's LoRA file (`pipe.load_lora_weights`)."""
     pipeline_name, subfolder, _ = MODEL_KINDS[kind]
@@ -1008,14 +1229,16 @@ def check_launch(accelerator, args):
                          "does not fit this machine (FSDP and DeepSpeed configurations need GPUs)")
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise SystemExit("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (FSDP2 is the version "
-                         "tested; see README.md, 'Scaling to several GPUs and machines')")
+                         "tested; see docs/scaling.md, 'Scaling to several GPUs and machines')")
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     if accelerator.state.deepspeed_plugin.zero_stage == 3:
         # transformers then partitions the frozen text encoders as they load, and they cannot run
         raise SystemExit("DeepSpeed ZeRO-3 is not supported: use ZeRO-1 or 2, or FSDP (fsdp_version: 2) to shard the "
-                         "weights; see README.md, 'Scaling to several GPUs and machines'")
+                         "weights; see docs/scaling.md, 'Scaling to several GPUs and machines'")
     evaluated = args.loss_timesteps or args.num_inference_steps
+    if args.trajectory_chunk_size == "auto":  # the only chunk DeepSpeed takes: every evaluated step at once
+        args.trajectory_chunk_size = evaluated
     if args.loss_type not in NOISING_FORMS and args.trajectory_chunk_size < evaluated:
         # DeepSpeed takes every backward for a micro-step and steps the optimiser after it
         raise SystemExit(f"--trajectory_chunk_size {args.trajectory_chunk_size} below the {evaluated} evaluated steps "
@@ -1070,7 +1293,7 @@ def warn_zero_gradient(args, logs):
         "where the reference produced its noise, so while the policy computes what the reference computes there is "
         "no gradient; here the cause is %s. Such a run moves only once something else makes the two differ: weight "
         "decay (--adam_weight_decay), or rounding differences between precisions, which is what moved the released "
-        "run (fp32 policy under bf16 autocast, bf16 reference). See README.md, 'Zero gradient at the start'.",
+        "run (fp32 policy under bf16 autocast, bf16 reference). See docs/study.md, 'Zero gradient at the start'.",
         args.loss_type, cause)
 
 
@@ -1080,7 +1303,6 @@ def warn_zero_gradient(args, logs):
 
 
 def main(args):
-    quiet_startup_warnings()
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -1113,6 +1335,9 @@ def main(args):
             raise SystemExit(f"cannot write to --output_dir {output_dir}: {error}") from error
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    # seconds and peak memory of the setup's phases and the first steps' (step_meter.PhaseLog)
+    PHASES.open(accelerator.device, output_dir / "memory_phases.jsonl" if accelerator.is_main_process else None,
+                logger if accelerator.is_main_process else None)
 
     # 2. Data first: a missing dataset fails before minutes of model loading.
     data_config = PreferenceDataConfig(**{f.name: getattr(args, f.name) for f in fields(PreferenceDataConfig)
@@ -1129,7 +1354,8 @@ def main(args):
 
     # 3. Models: frozen encoders, the policy, the frozen reference, all on the device.
     try:
-        models = load_models(args)
+        with phase("model load"):
+            models = load_models(args)
     except ValueError as error:  # an unsupported model or a flag that does not apply to it
         raise SystemExit(f"error: {error}") from None
     kind = models["kind"]
@@ -1142,10 +1368,10 @@ def main(args):
         # parameter; SD3's transformer also holds a persistent buffer (pos_embed.pos_embed), which FSDP2 does not shard
         raise SystemExit("error: FSDP2 cannot prepare SD3's transformer here (accelerate expects every state-dict "
                          "entry to be a sharded parameter; its pos_embed buffer is not). Train SD3 with DDP or "
-                         "DeepSpeed ZeRO-2, with --use_lora if it does not fit (README, 'SD3 and FLUX').")
+                         "DeepSpeed ZeRO-2, with --use_lora if it does not fit (docs/flow_models.md, 'SD3 and FLUX').")
     if kind == "flux" and not args.use_lora and not accelerator.is_fsdp2:
         logger.warning("full fine-tuning FLUX: its 12B transformer, a frozen reference copy and the optimiser state "
-                       "do not fit one GPU; use --use_lora, or FSDP (README, 'Scaling to several GPUs and machines')")
+                       "do not fit one GPU; use --use_lora, or FSDP (docs/scaling.md, 'Scaling to several GPUs and machines')")
     if accelerator.is_main_process:
         (output_dir / "training_config.json").write_text(json.dumps({**vars(args), "model_kind": kind}, indent=2))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -1174,8 +1400,22 @@ def main(args):
         denoiser.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         denoiser.enable_xformers_memory_efficient_attention()
-    compile_model(denoiser, args)  # for LoRA, the reference too: the same module with its adapters off
     prompt_encoder = make_prompt_encoder(args, models)
+    # The memory budget, before the reference loads (and --trajectory_chunk_size auto from it); the probe runs the
+    # model eagerly, so before compiling.
+    budget, run_shape, sizes = memory_plan(args, accelerator, kind, models, denoiser, prompt_encoder, weight_dtype,
+                                           cache)
+    if args.memory_budget:
+        if accelerator.is_main_process:
+            report_budget(budget, run_shape, sizes, print)
+        end_processes(accelerator)
+        return
+    if accelerator.is_main_process:
+        report_budget(budget, run_shape, sizes, logger.info)
+        if not budget.fits:
+            logger.warning("the expected peak, %s, exceeds %s: see the flags above (--memory_budget prints this "
+                           "and exits)", memory_budget.size(budget.total), memory_budget.size(budget.limit))
+    compile_model(denoiser, args)  # for LoRA, the reference too: the same module with its adapters off
     weights = step_weights(schedule, args.timestep_weighting).to(accelerator.device)
     # The noise levels of training timesteps, for diffusion_dpo and sft: a(t) (DDPM), or sigma (flows).
     train_levels = (flow_training_sigmas if kind in FLOW_KINDS else training_alphas)(models["scheduler_config"])
@@ -1213,11 +1453,19 @@ def main(args):
     else:
         reference = Reference(load=lambda: load_reference(args, kind, accelerator.device, weight_dtype))
         if cache is None and args.loss_type != "sft":
-            reference.load()  # now: a reference that cannot load fails before any training
+            with phase("reference load"):
+                reference.load()  # now: a reference that cannot load fails before any training
     if args.fill_inversion_cache:
-        fill_cache(args, accelerator, train_dataloader, reference, prompt_encoder, models["vae"], schedule, cache)
+        with phase("cache fill"):
+            fill_cache(args, accelerator, train_dataloader, reference, prompt_encoder, models["vae"], schedule, cache)
         end_processes(accelerator)
         return
+    hub_repo = None
+    if args.push_to_hub and accelerator.is_main_process:  # created now: a bad token or name fails before training
+        import huggingface_hub
+
+        hub_repo = huggingface_hub.create_repo(args.hub_model_id or output_dir.resolve().name, exist_ok=True,
+                                               token=args.hub_token).repo_id
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items()
                                                                    if isinstance(v, (int, float, str, bool))})
@@ -1258,7 +1506,9 @@ def main(args):
     step_metrics, step_rows = [], []
     zero_gradient_warned = False
     saturation = SaturationWatch()
-    meter = StepMeter(accelerator.device)
+    meter = StepMeter(accelerator.device, peak_tflops(accelerator.device, args.peak_tflops))
+    flop_count, flops_per_step = flop_counter(args, accelerator, denoiser, meter), None
+    profile = StepProfile(args.profile_step, accelerator.device) if accelerator.is_main_process else None
     started = time.perf_counter()
     denoiser.train()
     try:
@@ -1276,11 +1526,15 @@ def main(args):
                     continue
                 # Random draws are a function of the run's position, not of RNG history: a resumed run repeats them.
                 meter.start()
+                PHASES.step = global_step + 1
+                if profile is not None:
+                    profile.start(global_step + 1)
                 position = (args.seed, global_step, len(step_metrics), accelerator.process_index)
                 generator = torch.Generator().manual_seed(hash(position) & (2**63 - 1))
                 with accelerator.accumulate(denoiser):
-                    output = training_step(args, accelerator, denoiser, reference, prompt_encoder, models["vae"], batch,
-                                           schedule, weights, train_levels, generator, cache)
+                    with flop_count or contextlib.nullcontext():
+                        output = training_step(args, accelerator, denoiser, reference, prompt_encoder, models["vae"],
+                                               batch, schedule, weights, train_levels, generator, cache)
                     step_metrics.append(output.metrics)
                     step_rows += batch["row_ids"].tolist()
                     if accelerator.sync_gradients:
@@ -1288,8 +1542,14 @@ def main(args):
                         # Reduced over processes (a NaN anywhere makes the mean NaN): every process decides alike.
                         logs = mean_metrics(accelerator, step_metrics)
                         finite = math.isfinite(logs["loss"]) and math.isfinite(grad_norm)
-                        apply_update(accelerator, optimizer, lr_scheduler, finite)
-                        measured = meter.stop()
+                        with phase("optimiser step"):
+                            apply_update(accelerator, optimizer, lr_scheduler, finite)
+                        if flop_count is not None:  # counted over the first optimiser step only
+                            flops_per_step, flop_count = flop_count.model_flops, None
+                        measured = meter.stop(flops_per_step)
+                        if profile is not None and profile.stop(output_dir):
+                            logger.info("profiled step %d: profile_step_%d.txt and .json in %s", global_step + 1,
+                                        global_step + 1, output_dir)
                 if not accelerator.sync_gradients:
                     continue
 
@@ -1326,16 +1586,19 @@ def main(args):
                                    "for --resume_from_checkpoint latest)", global_step)
                 elif global_step % args.checkpointing_steps == 0:
                     require_finite_weights(accelerator, params, global_step, "checkpoint")
-                    save_checkpoint(accelerator, args, global_step)
+                    with phase("checkpoint save"):
+                        save_checkpoint(accelerator, args, global_step)
                 if args.validation_prompts and global_step % args.validation_steps == 0 and (
                         accelerator.is_main_process or accelerator.is_fsdp2):  # FSDP: each process has a shard
-                    log_validation(accelerator, args, models, denoiser, weight_dtype, global_step)
+                    with phase("validation"):
+                        log_validation(accelerator, args, models, denoiser, weight_dtype, global_step)
                 if global_step >= args.max_train_steps:
                     break
             if global_step >= args.max_train_steps:
                 break
     except torch.OutOfMemoryError as error:
-        raise SystemExit(f"out of memory at step {global_step + 1}: {error}\nFlags that reduce memory: "
+        raise SystemExit(f"out of memory at step {global_step + 1} (phase {PHASES.failed_in}): {error}\n"
+                         "Flags that reduce memory (--memory_budget shows what each part needs): "
                          + "; ".join(MEMORY_FLAGS)) from error
 
     # 7. Save the result where the notebook and `from_pretrained` look for it.
@@ -1349,7 +1612,10 @@ def main(args):
                 final_model.unload_lora()
             build_pipeline(models, final_model, models["scheduler_config"]) \
                 .save_pretrained(output_dir)
+        write_model_card(args, kind, output_dir)
         logger.info("training finished after %d steps; output in %s", global_step, output_dir)
+        if args.push_to_hub:
+            upload_to_hub(args, output_dir, hub_repo)
     end_processes(accelerator)
 
 
@@ -1436,7 +1702,8 @@ def training_step(args, accelerator, model, reference, prompt_encoder, vae, batc
 
     `generator` draws the noise and timesteps of diffusion_dpo and sft, and the --loss_timesteps subset."""
     keys = None if cache is None else image_keys(args, cache, batch)
-    latents, cond = encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys)
+    with phase("encoding"):
+        latents, cond = encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys)
     if args.loss_type in NOISING_FORMS:
         latents_w, latents_l = latents.chunk(2)
         cond_w = cond.select(slice(0, len(latents_w)))  # the winner's time_ids for both, as Diffusion-DPO
@@ -1446,8 +1713,14 @@ def training_step(args, accelerator, model, reference, prompt_encoder, vae, batc
         noise = torch.randn((len(latents), schedule.num_steps, *latents.shape[1:]), generator=generator)
         trajectories = noised_trajectory(latents, noise.to(latents.device), schedule)
         trajectories.reference_errors = reference_errors(args, reference, trajectories, cond, uncond)
+    elif args.anchor_points == "standardised":  # the candidate: the inversion path, standardised per channel
+        with torch.no_grad(), reference.context():
+            inverted = invert(reference.model, latents, cond, uncond, schedule, args.inversion_guidance_scale)
+        trajectories = standardised_trajectory(inverted)
+        trajectories.reference_errors = reference_errors(args, reference, trajectories, cond, uncond)
     else:
-        trajectories = invert_pairs(args, reference, latents, cond, uncond, schedule, cache, keys)
+        with phase("inversion" if cache is None else "cache read"):  # a cache miss inverts inside the read
+            trajectories = invert_pairs(args, reference, latents, cond, uncond, schedule, cache, keys)
     return trajectory_loss(args, accelerator, model, trajectories, cond, uncond, weights, generator)
 
 

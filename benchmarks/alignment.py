@@ -43,6 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import startup  # noqa: E402,F401  (before diffusers: quiets two start-up warnings)
+
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ("colour", "warmcool")
 TRAJECTORY_FORMS = ("inversion_dpo", "inversion_dpo_exact", "inversion_dpo_x0")
@@ -150,8 +152,10 @@ class Study:
                  "--max_train_steps", str(self.steps), "--checkpointing_steps", str(self.every)]
         if spec["beta"] is not None:
             flags += ["--beta_dpo", str(spec["beta"])]
-        if spec.get("anchor_points") == "noised":  # the diagnostic: no inversion, so no cache
-            flags += ["--timestep_weighting", spec["weighting"], "--anchor_points", "noised"]
+        if spec.get("relative_beta"):  # the beta rule's kappa (the trainer's default when unset)
+            flags += ["--relative_beta", str(spec["relative_beta"])]
+        if spec.get("anchor_points", "inversion") != "inversion":  # points computed every step, so no cache
+            flags += ["--timestep_weighting", spec["weighting"], "--anchor_points", spec["anchor_points"]]
         elif spec["loss"] in TRAJECTORY_FORMS + ("inversion_dpo_official",):
             flags += ["--timestep_weighting", spec["weighting"], "--inversion_cache_dir",
                       str(self.cache_dir(spec["task"])), "--inversion_cache_dtype", "float32"]
@@ -205,6 +209,8 @@ def name_of(spec):
         parts.insert(-3, spec["sampling"])
     if spec.get("anchor_points", "inversion") != "inversion":
         parts.insert(-3, spec["anchor_points"])
+    if spec.get("relative_beta"):
+        parts.insert(-3, f"k{spec['relative_beta']:g}")
     return "-".join(str(p) for p in parts)
 
 
@@ -435,9 +441,6 @@ def main():
     work = Path(args.work_dir or f"/tmp/inversion-dpo-alignment{'-quick' if args.quick else ''}")
     if args.measure:
         return measure(args.measure, rest, work)
-    from train_inversion_dpo import quiet_startup_warnings
-
-    quiet_startup_warnings()
     started = time.perf_counter()
     study = Study(args.quick, work)
     suffix = "_quick" if args.quick else ""

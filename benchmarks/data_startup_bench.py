@@ -25,6 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import startup  # noqa: E402,F401  (before diffusers: quiets two start-up warnings)
+
 from data import PreferenceDataConfig, load_preference_dataset, make_dataloader  # noqa: E402
 
 

@@ -54,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import startup  # noqa: E402,F401  (before diffusers: quiets two start-up warnings)
+
 import alignment  # noqa: E402
 import toy_task  # noqa: E402
 from alignment import REPORT_SEED, RESULTS, VALIDATION_SEED, Study, fmt, interval  # noqa: E402
@@ -406,9 +408,6 @@ def main():
     work = Path(args.work_dir or f"/tmp/inversion-dpo-efficiency{'-quick' if args.quick else ''}")
     if args.measure:
         return measure(args.measure, rest, work)
-    from train_inversion_dpo import quiet_startup_warnings
-
-    quiet_startup_warnings()
     started = time.perf_counter()
     study = Efficiency(args.quick, work)
     for toy in study.toys.values():

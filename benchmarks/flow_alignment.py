@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import startup  # noqa: E402,F401  (before diffusers: quiets two start-up warnings)
+
 import toy_task  # noqa: E402
 from alignment import RESULTS, fmt, interval, plot_effect, run_trainer  # noqa: E402
 

@@ -23,7 +23,7 @@ The uncached and cached modes use --chunk K (default 1: the gradient one step at
 for N inversion steps in {10, 20, 40, 80}. The step is the trainer's own code (invert_pairs, trajectory_loss,
 noising_loss) on one pair, guidance 2 (FLUX: its guidance embedding, 3.5), conditioning given (text encoders and VAE
 are outside the step being measured). The loss is the trainer's: --loss_type (default inversion_dpo, the paper form of
-the README's tables; inversion_dpo_x0 the anchored form, which stores the reference's per-step errors in the cache
+the tables of docs/speed_and_memory.md; inversion_dpo_x0 the anchored form, which stores the reference's per-step errors in the cache
 when filling it), --loss_timesteps M with --loss_timestep_sampling (the policy at M of the N steps, drawn by a fresh
 default torch.Generator each step, so every step draws the same ones), --loss_guidance_scale (the anchored form's
 loss guidance; 1: one pass per point). Every row records loss_type, loss_timesteps, loss_timestep_sampling (null
@@ -74,32 +74,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import startup  # noqa: E402,F401  (before diffusers: quiets two start-up warnings)
+
 from losses import LOSS_STEP_SAMPLINGS  # noqa: E402  (torch only)
+from full_models import FLUX_DEV_TRANSFORMER, SD35_MEDIUM_TRANSFORMER, SDXL_UNET  # noqa: E402
 
 MODES = ("released", "uncached", "cached", "noising")
 LOSS_TYPES = ("inversion_dpo", "inversion_dpo_x0", "diffusion_dpo")  # the paper form, the anchored form, the baseline
 NOISING_LOSSES = ("diffusion_dpo",)  # one random noise level per pair: no inversion, no N
 
-# The shapes and cost of the real models (random weights, nothing downloaded). SDXL base 1.0's UNet:
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-# SD3.5 medium's transformer (2.5B parameters; MMDiT-X: dual attention in its first 13 blocks, RMS-normed q/k).
-SD35_MEDIUM_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)
-# FLUX.1-dev's transformer (12B parameters: 19 double-stream and 38 single-stream blocks, guidance embedding).
-FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-)
+# The shapes and cost of the real models (random weights, nothing downloaded): benchmarks/full_models.py
 KINDS = {"tiny": "sdxl", "sdxl": "sdxl", "tiny_sd3": "sd3", "sd3": "sd3", "tiny_flux": "flux", "flux": "flux"}
 GUIDANCE = {"sdxl": 2.0, "sd3": 2.0, "flux": 3.5}  # flux: the value of its guidance embedding (one call per step)
 
@@ -515,7 +499,7 @@ def main():
                              "uncached, cached for the anchored form or with --loss_timesteps; noising for "
                              "diffusion_dpo).")
     parser.add_argument("--loss_type", choices=LOSS_TYPES, default="inversion_dpo",
-                        help="The trainer's --loss_type (default inversion_dpo, the paper form of the README's "
+                        help="The trainer's --loss_type (default inversion_dpo, the paper form of docs/speed_and_memory.md's "
                              "tables).")
     parser.add_argument("--loss_timesteps", type=int, default=None,
                         help="The trainer's --loss_timesteps M: the policy at M of the N steps (trajectory forms).")

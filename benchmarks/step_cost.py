@@ -4,7 +4,7 @@ trajectory cache's fill costs and when it has paid for itself against Diffusion-
 `passes_per_pair` is the bill as a formula; tests/test_step_cost.py runs the trainer's own step on tiny models with
 every model's calls counted and checks them against it, so the table below is what the code does.
 
-    python benchmarks/step_cost.py            # the README's table (SDXL recipe and the toy settings), markdown
+    python benchmarks/step_cost.py            # docs/speed_and_memory.md's table (SDXL recipe and the toy settings), markdown
 
 Counting: a policy pass with gradient is a forward and a backward (about 3 forward passes of compute); "policy,
 no grad" is the extra forward of the chunked gradient (--trajectory_chunk_size K below the evaluated steps: pass 1

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import startup  # noqa: E402,F401  (before diffusers: quiets two start-up warnings)
+
 import losses  # noqa: E402
 import toy_task  # noqa: E402
 from alignment import RESULTS, name_of  # noqa: E402

@@ -67,3 +67,8 @@ def flux_pipe(tiny_flux_path):
     from diffusers import FluxPipeline
 
     return FluxPipeline.from_pretrained(tiny_flux_path)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over about 20 s on the 2-core machine; `pytest -m 'not slow'` skips "
+                                       "them for a quick inner loop (CI runs everything)")

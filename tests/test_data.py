@@ -293,7 +293,7 @@ def test_bad_label_is_an_error_naming_the_row(tmp_path):
     assert "row 3 holds 2.0" in message and "2 such rows" in message and "[3, 4]" in message
 
 
-def test_missing_hub_dataset_points_at_the_readme(tmp_path, monkeypatch):
+def test_missing_hub_dataset_points_at_the_data_docs(tmp_path, monkeypatch):
     def not_found(*args, **kwargs):
         raise datasets.exceptions.DatasetNotFoundError("Dataset 'yuvalkirstain/pickapic_v2' doesn't exist on the Hub")
 
@@ -301,7 +301,7 @@ def test_missing_hub_dataset_points_at_the_readme(tmp_path, monkeypatch):
     message = load_error(tmp_path, dataset_name="yuvalkirstain/pickapic_v2")
     assert "doesn't exist on the Hub" in message
     assert "yuvalkirstain/pickapic_v2 has been reported unavailable on the hub since 2025" in message
-    assert '"Preference data" section of README.md' in message
+    assert 'docs/data.md ("Preference data")' in message
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'someone/prefs' on the Hub (OfflineModeIsEnabled)")

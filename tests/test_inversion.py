@@ -299,3 +299,33 @@ def test_noised_trajectory_is_the_forward_process_at_the_schedules_levels_and_it
     # the anchored targets recover the noise (DDIM) and the velocity z - x_0 (flows), to float32 rounding
     torch.testing.assert_close(ddim.anchored_target(), z, atol=1e-5, rtol=0)
     torch.testing.assert_close(flow.anchored_target(), z - x0.unsqueeze(1), atol=1e-5, rtol=0)
+
+
+def test_standardised_trajectory_rebuilds_each_point_from_its_noise_standardised_per_channel():
+    from inversion import FlowSchedule, InversionSchedule, Trajectory, standardised_trajectory
+
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 5, 5, generator=generator)
+    # a skewed "inversion" path: scaled-down noise with a per-channel offset, as the toys' inversions end
+    z = 0.7 * torch.randn(2, 3, 4, 5, 5, generator=generator) + torch.tensor([0.3, -0.2, 0.0, 0.5]).view(1, 1, 4, 1, 1)
+    alphas, sigmas = torch.tensor([0.999, 0.8, 0.5, 0.1]), torch.tensor([0.0, 0.2, 0.6, 0.9])
+    ddim_schedule, flow_schedule = InversionSchedule(torch.tensor([1, 300, 600]), alphas), FlowSchedule(sigmas)
+    ddim_points = torch.stack([x0] + [alphas[i + 1].sqrt() * x0 + (1 - alphas[i + 1]).sqrt() * z[:, i]
+                                      for i in range(3)], 1)
+    flow_points = torch.stack([x0] + [(1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * z[:, i] for i in range(3)], 1)
+    # written out with numpy's population-free (ddof = 1) spread, per image, step and channel
+    zn = z.double().numpy()
+    expected = (zn - zn.mean(axis=(3, 4), keepdims=True)) / zn.std(axis=(3, 4), ddof=1, keepdims=True)
+    expected = torch.from_numpy(expected).float()
+    for schedule, points, rebuild in (
+            (ddim_schedule, ddim_points, lambda i, e: alphas[i + 1].sqrt() * x0 + (1 - alphas[i + 1]).sqrt() * e),
+            (flow_schedule, flow_points, lambda i, e: (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * e)):
+        out = standardised_trajectory(Trajectory(points, torch.zeros_like(z), schedule))
+        assert torch.equal(out.latents[:, 0], x0)
+        for i in range(3):
+            torch.testing.assert_close(out.latents[:, i + 1], rebuild(i, expected[:, i]), atol=1e-5, rtol=0)
+    # the anchored targets are the standardised noise (DDIM) and it minus x_0 (flows)
+    ddim = standardised_trajectory(Trajectory(ddim_points, torch.zeros_like(z), ddim_schedule))
+    torch.testing.assert_close(ddim.anchored_target(), expected, atol=1e-4, rtol=0)
+    flow = standardised_trajectory(Trajectory(flow_points, torch.zeros_like(z), flow_schedule))
+    torch.testing.assert_close(flow.anchored_target(), expected - x0.unsqueeze(1), atol=1e-4, rtol=0)

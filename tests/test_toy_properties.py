@@ -63,7 +63,26 @@ def test_position_detector_reads_the_centre_of_mass():
     assert toy_task.on_the_left(left).all() and not toy_task.on_the_left(right).any()
 
 
-@pytest.mark.parametrize("prop", ["background", "count", "position"])
+def test_size_detector_reads_the_foreground_area():
+    assert toy_task.is_big(draw(grey_canvas(), [(2, 2, 17, 17)])).item()  # 15 x 15 = 225 px
+    assert not toy_task.is_big(draw(grey_canvas(), [(2, 2, 11, 11)])).item()  # 9 x 9 = 81 px
+    # the threshold, 135 px: 12 x 12 = 144 is big, 11 x 12 = 132 is not; an empty image is small
+    assert toy_task.is_big(draw(grey_canvas(), [(2, 2, 14, 14)])).item()
+    assert not toy_task.is_big(draw(grey_canvas(), [(2, 2, 13, 14)])).item()
+    assert not toy_task.is_big(toy_task.to_tensor([grey_canvas()])).item()
+
+
+def test_orientation_detector_compares_the_spread_across_and_down():
+    assert toy_task.is_wide(draw(grey_canvas(), [(2, 10, 20, 16)])).item()  # 18 x 6
+    assert not toy_task.is_wide(draw(grey_canvas(), [(10, 2, 16, 20)])).item()  # 6 x 18
+    # two squares side by side read as wide, one above the other as tall; a lone square or nothing is not wide
+    assert toy_task.is_wide(draw(grey_canvas(), [(2, 2, 8, 8), (20, 2, 26, 8)])).item()
+    assert not toy_task.is_wide(draw(grey_canvas(), [(2, 2, 8, 8), (2, 20, 8, 26)])).item()
+    assert not toy_task.is_wide(draw(grey_canvas(), [(2, 2, 10, 10)])).item()
+    assert not toy_task.is_wide(toy_task.to_tensor([grey_canvas()])).item()
+
+
+@pytest.mark.parametrize("prop", ["background", "count", "position", "size", "orientation"])
 def test_each_property_trains_on_both_values_equally_and_its_pairs_rank_the_preferred_first(tmp_path, prop):
     detect = toy_task.PROPERTIES[prop]["detect"]
     images = toy_task.training_images(64, seed=3, task=prop)

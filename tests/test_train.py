@@ -128,6 +128,15 @@ def test_checkpoints_validation_and_output_layout(tiny_sdxl_path, pairs_dir, tmp
     assert all(m["seconds_per_step"] > 0 for m in rows)
     assert sum(m["seconds_per_step"] for m in rows) < rows[-1]["elapsed_s"]
     assert all(m["peak_memory_allocated_gib"] is None and m["peak_memory_reserved_gib"] is None for m in rows)
+    # the phase log: the setup, every phase of the first two steps, then each phase the first time it runs
+    phases = [json.loads(line) for line in (tmp_path / "memory_phases.jsonl").read_text().splitlines()]
+    step_phases = ["encoding", "inversion", "loss pass", "backward", "optimiser step"]
+    assert [(p["step"], p["phase"]) for p in phases] == (
+        [(None, "model load"), (None, "reference load")] + [(1, name) for name in step_phases]
+        + [(1, "checkpoint save")] + [(2, name) for name in step_phases] + [(2, "checkpoint save"), (3, "validation")])
+    assert all(p["seconds"] >= 0 and p["peak_allocated_gib"] is None for p in phases)  # no CUDA memory on a CPU
+    assert sum(p["seconds"] for p in phases if p["step"] == 1 and p["phase"] in step_phases) \
+        <= rows[0]["seconds_per_step"]
     # the final UNet and every checkpoint load as the notebook loads them
     final = UNet2DConditionModel.from_pretrained(str(tmp_path), subfolder="unet")
     checkpoint = UNet2DConditionModel.from_pretrained(str(tmp_path / "checkpoint-3"), subfolder="unet")
@@ -269,19 +278,76 @@ def test_the_anchored_forms_default_beta_scales_with_kappa_and_is_kept_on_resume
     assert read_metrics(tmp_path / "c")[0]["beta"] == 50.0
 
 
-def test_noised_anchor_points_train_without_inversion_and_refuse_a_cache(tiny_sdxl_path, pairs_dir, tmp_path,
-                                                                          capsys):
+@pytest.mark.parametrize("points", ["noised", "standardised"])
+def test_other_anchor_points_train_and_refuse_a_cache(tiny_sdxl_path, pairs_dir, tmp_path, capsys, points):
     from train_inversion_dpo import parse_args
 
-    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--anchor_points", "noised"))
+    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--anchor_points", points))
     assert changed(unet_weights(tiny_sdxl_path), unet_weights(tmp_path))
     assert all(row["loss"] > 0 for row in read_metrics(tmp_path))
     for extra, message in ((["--inversion_cache_dir", str(tmp_path / "cache")], "drop --inversion_cache_dir"),
                            (["--loss_type", "inversion_dpo_exact"], "inversion_dpo_x0 only")):
         with pytest.raises(SystemExit):
             parse_args(["--pretrained_model_name_or_path", "unused", "--dataset_name", "unused",
-                        "--anchor_points", "noised", *extra])
+                        "--anchor_points", points, *extra])
         assert message in capsys.readouterr().err
+
+
+def test_each_row_counts_the_steps_model_flops_and_its_mfu_without_recomputation(tiny_sdxl_path, pairs_dir, tmp_path):
+    # model FLOPs leave out the forward passes that gradient checkpointing recomputes: the same with and without it
+    runs = {}
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
+        launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / name, "--peak_tflops", "0.5", *extra))
+        runs[name] = read_metrics(tmp_path / name)
+    flops = runs["plain"][0]["flops_per_step"]
+    assert flops > 0 and [row["flops_per_step"] for row in runs["checkpointed"]] == [flops, flops]
+    for row in runs["plain"] + runs["checkpointed"]:  # mfu = FLOPs / seconds / peak, the peak given in TFLOP/s
+        assert row["mfu"] == pytest.approx(row["flops_per_step"] / row["seconds_per_step"] / 0.5e12, rel=1e-9)
+    # without a peak (a CPU has none in the table) nothing is counted: the mfu is unknown, null
+    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "nopeak", "--max_train_steps", "1"))
+    row = read_metrics(tmp_path / "nopeak")[0]
+    assert row["mfu"] is None and row["flops_per_step"] is None
+
+
+def test_profile_step_writes_the_profilers_table_and_its_summary(tiny_sdxl_path, pairs_dir, tmp_path):
+    launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--profile_step", "2"))
+    assert not (tmp_path / "profile_step_1.json").exists()
+    summary = json.loads((tmp_path / "profile_step_2.json").read_text())
+    assert summary["step"] == 2 and summary["device"] == "cpu" and summary["self_time_ms"] > 0
+    assert sum(summary["shares"].values()) == pytest.approx(1.0) and summary["shares"]["matmul"] > 0
+    assert "Self CPU" in (tmp_path / "profile_step_2.txt").read_text()
+
+
+def expected_peak(stdout):
+    """(MiB, fits) from --memory_budget's "expected peak" line."""
+    line = next(line for line in stdout.splitlines() if "expected peak" in line)
+    value, unit = line.split()[2:4]
+    return float(value) * (1024 if unit == "GiB" else 1), "(fits)" in line
+
+
+def test_memory_budget_prints_the_parts_and_exits_and_auto_takes_the_largest_chunk_that_fits(
+        tiny_sdxl_path, pairs_dir, tmp_path):
+    budget = ["--num_inference_steps", "6", "--memory_budget"]
+    result = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "budget", *budget, "--memory_limit_gib", "1"))
+    for part in ("policy weights", "gradients (float32)", "optimiser state (adamw)", "reference copy",
+                 "text encoders and VAE", "activations (8 images in one graph)", "expected peak"):
+        assert part in result.stdout
+    # it exits before the reference loads, without training
+    phases = (tmp_path / "budget" / "memory_phases.jsonl").read_text()
+    assert "reference load" not in phases and not (tmp_path / "budget" / "metrics.jsonl").exists()
+    # a limit between the budgets of chunks 3 and 4: auto takes 3, and says which flags would fit a lower one
+    peaks = {k: expected_peak(launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / f"k{k}", *budget,
+                                               "--trajectory_chunk_size", str(k))).stdout)[0] for k in (3, 4)}
+    limit = (peaks[3] + peaks[4]) / 2 / 1024
+    auto = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "auto", "--num_inference_steps", "6",
+                            "--trajectory_chunk_size", "auto", "--memory_limit_gib", str(limit),
+                            "--max_train_steps", "1"))
+    assert "--trajectory_chunk_size auto: 3 " in auto.stderr
+    assert json.loads((tmp_path / "auto" / "training_config.json").read_text())["trajectory_chunk_size"] == "auto"
+    over = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "over", *budget, "--memory_limit_gib",
+                            str(peaks[3] / 1024 / 2)))
+    assert expected_peak(over.stdout)[1] is False and "flags that would bring it under the limit" in over.stdout
+    assert "--use_lora" in over.stdout
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sdxl_path, pairs_dir, tmp_path):
@@ -370,7 +436,7 @@ def test_sdxl_sh_stops_at_once_when_the_dataset_is_gone(tiny_sdxl_path, tmp_path
     env = {"MODEL_NAME": tiny_sdxl_path, "VAE": "", "VARIANT": "", "OUTPUT_DIR": str(tmp_path)}
     result = sdxl_sh(env)  # the default dataset, yuvalkirstain/pickapic_v2, offline here as it is gone from the hub
     assert result.returncode != 0
-    assert "pickapic_v2" in result.stderr and 'the "Preference data" section of README.md' in result.stderr
+    assert "pickapic_v2" in result.stderr and 'docs/data.md ("Preference data")' in result.stderr
     assert "Loading weights" not in result.stderr  # no model was loaded first
 
 
@@ -386,7 +452,11 @@ def test_sdxl_sh_stops_at_once_when_the_dataset_is_gone(tiny_sdxl_path, tmp_path
     (["--rank", "4"], "--rank given without --use_lora"),
     (["--lora_alpha", "4", "--lora_target_modules", "to_q"], "--lora_alpha, --lora_target_modules given without"),
     (["--loss_type", "ipo"], "argument --loss_type: invalid choice: 'ipo'"),
-    (["--trajectory_chunk_size", "0"], "--trajectory_chunk_size must be at least 1"),
+    (["--trajectory_chunk_size", "0"], "give a whole number of steps, at least 1, or auto"),
+    (["--trajectory_chunk_size", "some"], "give a whole number of steps, at least 1, or auto"),
+    (["--memory_limit_gib", "0"], "--memory_limit_gib must be positive"),
+    (["--peak_tflops", "-1"], "--peak_tflops must be positive"),
+    (["--profile_step", "0"], "--profile_step counts optimiser steps from 1"),
     (["--loss_timesteps", "81"], "--loss_timesteps 81 must be from 1 to --num_inference_steps (80)"),
     (["--fill_inversion_cache"], "--fill_inversion_cache needs --inversion_cache_dir"),
     (["--loss_timestep_sampling", "weighted"], "draws the steps of --loss_timesteps M; give --loss_timesteps too"),
@@ -404,19 +474,6 @@ def test_bad_configuration_names_the_flag(extra, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_readme_documents_every_flag(capsys):
-    import re
-
-    from train_inversion_dpo import parse_args
-
-    with pytest.raises(SystemExit):
-        parse_args(["--help"])
-    flags = set(re.findall(r"(--[a-z0-9_]+)", capsys.readouterr().out)) - {"--help"}
-    readme = (ROOT / "README.md").read_text()
-    assert len(flags) > 50
-    assert sorted(flag for flag in flags if f"`{flag}`" not in readme) == []
-
-
 def test_missing_dataset_flag_is_named(capsys):
     from train_inversion_dpo import parse_args
 
@@ -431,9 +488,48 @@ def test_out_of_memory_names_the_flags_that_reduce_memory(tiny_sdxl_path, pairs_
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(train_inversion_dpo, "training_step", out_of_memory)
+    monkeypatch.setattr(train_inversion_dpo, "policy_errors", out_of_memory)  # in the loss pass
     args = train_inversion_dpo.parse_args(base_args(tiny_sdxl_path, pairs_dir, tmp_path))
     with pytest.raises(SystemExit) as error:
         train_inversion_dpo.main(args)
-    assert "out of memory at step 1" in str(error.value)
+    assert "out of memory at step 1 (phase loss pass)" in str(error.value)
     assert "--trajectory_chunk_size" in str(error.value) and "--gradient_checkpointing" in str(error.value)
+
+
+def test_a_run_ends_with_a_model_card_and_pushes_to_the_hub_when_asked(tiny_sdxl_path, pairs_dir, tmp_path,
+                                                                          monkeypatch):
+    import huggingface_hub
+
+    import train_inversion_dpo
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda name, **kw: calls.append(("create", name, kw)) or
+                        type("Repo", (), {"repo_id": f"someone/{name}"})())
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
+    args = train_inversion_dpo.parse_args(base_args(
+        tiny_sdxl_path, pairs_dir, tmp_path / "run", "--push_to_hub", "--hub_model_id", "my-dpo",
+        "--validation_prompts", "a red square", "--validation_steps", "2", "--validation_num_inference_steps", "2"))
+    train_inversion_dpo.main(args)
+    assert calls[0][:2] == ("create", "my-dpo")
+    upload = calls[1][1]
+    assert calls[1][0] == "upload" and upload["repo_id"] == "someone/my-dpo"
+    assert upload["folder_path"] == str(tmp_path / "run") and "checkpoint-*" in upload["ignore_patterns"]
+    card = (tmp_path / "run" / "README.md").read_text()
+    last = read_metrics(tmp_path / "run")[-1]
+    for text in (tiny_sdxl_path, "inversion_dpo_x0", "| optimiser steps | 2 |", "| beta | 50 |", "pairs.jsonl",
+                 f"loss {last['loss']:.4g}", "validation/step-000002.png", "UNet2DConditionModel.from_pretrained", 'subfolder="unet"'):
+        assert text in card, text
+    # a LoRA run's card loads the adapters onto the base pipeline
+    lora = train_inversion_dpo.parse_args(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "run", "--use_lora"))
+    lora_card = train_inversion_dpo.model_card(lora, "sdxl", tmp_path / "run")
+    assert "pipe.load_lora_weights" in lora_card and "- lora" in lora_card and "LoRA rank | 8" in lora_card
+
+
+def test_hub_flags_are_checked():
+    from train_inversion_dpo import parse_args
+
+    common = ["--pretrained_model_name_or_path", "unused", "--dataset_name", "unused"]
+    with pytest.raises(SystemExit):
+        parse_args([*common, "--hub_model_id", "x"])  # without --push_to_hub
+    with pytest.raises(SystemExit):
+        parse_args([*common, "--push_to_hub", "--hub_token", "t", "--report_to", "wandb"])  # would log the token
