@@ -36,15 +36,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import startup  # noqa: F401  (before diffusers: quiets two start-up warnings)
-from inversion import (
-    PromptEncoder,
-    SD3PromptEncoder,
-    draw_training_levels,
-    flow_training_sigmas,
-    model_prediction,
-    training_alphas,
-    training_noise,
-)
+from models import PromptEncoder, SD3PromptEncoder, model_prediction
+from inversion import draw_training_levels, flow_training_sigmas, training_alphas, training_noise
 from tiny_models import build_tiny_sd3, build_tiny_sdxl
 
 SIZE = 32

@@ -7,7 +7,9 @@
 Per batch of (winner, loser, caption) pairs: encode captions and images (no gradient), invert both images with the
 frozen reference model (DDIM for UNets, Euler steps of the flow for SD3 and FLUX transformers), evaluate the trained
 model along the two trajectories, take one of the losses in `losses.py`, step. The kind of model is read from the
-model folder itself. The maths lives in `inversion.py` and `losses.py`, the data in `data.py`; this file wires them.
+model folder itself. The maths lives in `inversion.py` and `losses.py`, the model families in `models.py`, the
+training step in `training.py`, the data in `data.py`; this file is the command line and the recipe that wires them
+(`main`, step by step).
 """
 
 import argparse
@@ -19,30 +21,46 @@ import os
 import re
 import shutil
 import time
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 import startup  # noqa: F401  (first of the project's modules: it quiets two start-up warnings)
 import losses
-from inversion import (
-    Conditioning,
-    FlowSchedule,
-    FluxPromptEncoder,
-    InversionSchedule,
-    PromptEncoder,
-    SD3PromptEncoder,
-    invert,
+from inversion import flow_training_sigmas, training_alphas
+from models import (
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_MAX_SEQUENCE_LENGTH,
+    FLOW_KINDS,
+    MODEL_KINDS,
+    PIPELINES,
+    _installed,
+    add_lora,
+    build_pipeline,
+    compile_model,
+    diffusers_class,
+    load_models,
+    load_reference,
+    make_prompt_encoder,
     model_prediction,
-    noised_trajectory,
-    standardised_trajectory,
-    predict_on_trajectory,
-    sdxl_time_ids,
-    draw_training_levels,
-    flow_training_sigmas,
-    training_alphas,
-    training_noise,
+    save_model,
+)
+from training import (
+    DEFAULT_BETA,
+    NOISING_FORMS,
+    PAPER_FORMS,
+    RELATIVE_BETA,
+    BetaRule,
+    Reference,
+    encode_pairs,
+    image_keys,
+    inversion_scheduler_config,
+    invert_pairs,
+    make_schedule,
+    perturb,
+    step_weights,
+    training_step,
 )
 import memory_budget
 from step_meter import PHASES, FlopCount, StepMeter, StepProfile, peak_tflops, phase
@@ -50,27 +68,6 @@ from trajectory_cache import TrajectoryCache, weights_fingerprint
 
 logger = logging.getLogger("train_inversion_dpo")
 
-# --beta_dpo when not given; the anchored form's None: the relative rule (--relative_beta, BetaRule)
-DEFAULT_BETA = {"inversion_dpo": 2000.0, "inversion_dpo_official": 2000.0, "inversion_dpo_exact": 2000.0,
-                "inversion_dpo_x0": None, "diffusion_dpo": 5000.0, "sft": None}
-RELATIVE_BETA = 40.0  # kappa of the anchored form's rule beta = kappa / R (docs/study.md, "Choosing a loss")
-PAPER_FORMS = ("inversion_dpo", "inversion_dpo_official")
-AT_END_FORMS = ("inversion_dpo_exact", "inversion_dpo_x0")  # evaluated at x_i, with the reference's own term there
-NOISING_FORMS = ("diffusion_dpo", "sft")  # random noising of the clean latent, no inversion
-# Model kinds, read from the model folder: pipeline class, the denoiser's subfolder and class (all diffusers names).
-MODEL_KINDS = {
-    "sd": ("StableDiffusionPipeline", "unet", "UNet2DConditionModel"),
-    "sdxl": ("StableDiffusionXLPipeline", "unet", "UNet2DConditionModel"),
-    "sd3": ("StableDiffusion3Pipeline", "transformer", "SD3Transformer2DModel"),
-    "flux": ("FluxPipeline", "transformer", "FluxTransformer2DModel"),
-}
-FLOW_KINDS = ("sd3", "flux")  # rectified flows: Euler inversion, velocity targets (METHOD.md section 7)
-DEFAULT_LORA_TARGETS = {  # peft matches these names at the end of module paths
-    "unet": "to_k,to_q,to_v,to_out.0",
-    # every attention projection of the joint (image and text) blocks, as diffusers' SD3 and FLUX LoRA scripts
-    "transformer": "to_k,to_q,to_v,to_out.0,add_k_proj,add_q_proj,add_v_proj,to_add_out",
-}
-DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' defaults
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is ignored on resume
 MEMORY_FLAGS = ("--train_batch_size (lower, with more --gradient_accumulation_steps)", "--trajectory_chunk_size",
@@ -403,123 +400,9 @@ def validate_args(parser, args):
     args.cache_dir_model = args.cache_dir_model or args.cache_dir
 
 
-def _installed(module):
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Models
+# The cache, the optimiser (models.py loads the models; training.py holds the step)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def diffusers_class(name):
-    import diffusers
-
-    return getattr(diffusers, name)
-
-
-def detect_model_kind(args, source):
-    """("sd", "sdxl", "sd3" or "flux", the pipeline index), read from the model folder: its pipeline index names the
-    transformer of SD3 and FLUX; a UNet with SDXL's text_time embedding is SDXL, any other UNet SD1.x/2.x."""
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
-
-    path = args.pretrained_model_name_or_path
-    try:
-        index = DiffusionPipeline.load_config(path, **source)
-    except EnvironmentError:  # no model_index.json: a folder holding the UNet's subfolders only
-        index = {}
-    transformer = (index.get("transformer") or [None, None])[1]
-    if transformer is not None:
-        kinds = {model: kind for kind, (_, _, model) in MODEL_KINDS.items()}
-        if transformer not in kinds:
-            raise ValueError(f"{path} has a {transformer}; supported transformers are SD3Transformer2DModel (SD3, "
-                             "SD3.5) and FluxTransformer2DModel (FLUX.1)")
-        kind = kinds[transformer]
-    else:
-        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", **source)
-        kind = "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
-    if args.sdxl and kind != "sdxl":
-        raise ValueError(f"--sdxl was given but {path} is not an SDXL model (it is {kind})")
-    return kind, index
-
-
-def load_models(args):
-    """The model's kind, tokenizers, text encoders, VAE, the policy (its UNet or transformer: "denoiser") and the
-    scheduler config (the reference: `load_reference`)."""
-    from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
-
-    source = dict(revision=args.revision, cache_dir=args.cache_dir_model)
-    path = args.pretrained_model_name_or_path
-    kind, index = detect_model_kind(args, source)
-    # SD3 without T5: asked for, or a model saved without it (its index holds no text_encoder_3), as diffusers allows
-    no_t5 = kind == "sd3" and (args.no_t5 or (index.get("text_encoder_3") or [None])[0] is None)
-    if kind != "sd3" and args.no_t5:
-        raise ValueError(f"--no_t5 applies to SD3 models only; {path} is {kind}")
-    if kind not in FLOW_KINDS and args.max_sequence_length is not None:
-        raise ValueError(f"--max_sequence_length applies to SD3 and FLUX (T5) only; {path} is {kind}")
-    encoder_classes = {"sd": [CLIPTextModel], "sdxl": [CLIPTextModel, CLIPTextModelWithProjection],
-                       "sd3": [CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel],
-                       "flux": [CLIPTextModel, T5EncoderModel]}[kind]
-    tokenizers, text_encoders = [], []
-    for number, encoder_class in enumerate(encoder_classes, start=1):
-        suffix = "" if number == 1 else f"_{number}"
-        if encoder_class is T5EncoderModel and no_t5:
-            tokenizers.append(None)
-            text_encoders.append(None)
-            continue
-        tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{suffix}", **source))
-        text_encoders.append(encoder_class.from_pretrained(path, subfolder=f"text_encoder{suffix}",
-                                                           variant=args.variant, **source))
-    if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir_model)
-    else:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **source)
-    _, subfolder, model_class = MODEL_KINDS[kind]
-    denoiser = diffusers_class(model_class).from_pretrained(path, subfolder=subfolder, variant=args.variant, **source)
-    scheduler_config = DDIMScheduler.load_config(path, subfolder="scheduler", **source)
-    return dict(kind=kind, tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, denoiser=denoiser,
-                scheduler_config=scheduler_config)
-
-
-def make_prompt_encoder(args, models):
-    """Captions -> conditioning, as the model's pipeline encodes them."""
-    kind = models["kind"]
-    length = args.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH.get(kind)
-    if kind == "sd3":
-        return SD3PromptEncoder(models["tokenizers"], models["text_encoders"], length,
-                                models["denoiser"].config.joint_attention_dim)
-    if kind == "flux":
-        return FluxPromptEncoder(models["tokenizers"], models["text_encoders"], length)
-    return PromptEncoder(models["tokenizers"], models["text_encoders"])
-
-
-def make_schedule(args, models, inversion_config):
-    """The inversion's N steps: DDIM timesteps from the scheduler config (UNets), or the flow pipeline's own sampling
-    sigmas at the training resolution, run upward (SD3, FLUX)."""
-    if models["kind"] in FLOW_KINDS:
-        vae_scale = 2 ** (len(models["vae"].config.block_out_channels) - 1)
-        return FlowSchedule.for_pipeline(models["kind"], inversion_config, args.num_inference_steps,
-                                         args.resolution // vae_scale)
-    return InversionSchedule.from_scheduler_config(inversion_config, args.num_inference_steps)
-
-
-def step_weights(schedule, weighting):
-    """w_i of each inversion step: DDPM's weighting, or for flows the same weight matched by SNR (losses.py)."""
-    if isinstance(schedule, FlowSchedule):
-        return losses.flow_timestep_weights(schedule.sigmas[1:], weighting)
-    return losses.timestep_weights(schedule.alphas[1:], weighting)
-
-
-def inversion_scheduler_config(args, scheduler_config):
-    """The model's scheduler config with --inversion_steps_offset applied: the inversion schedule and the trajectory
-    cache's key are built from it (validation sampling keeps the model's own config)."""
-    config = dict(scheduler_config)
-    if args.inversion_steps_offset is not None:
-        config["steps_offset"] = args.inversion_steps_offset
-    return config
 
 
 def make_cache(args, models, inversion_config, schedule, weight_dtype, vae_dtype):
@@ -541,64 +424,6 @@ def make_cache(args, models, inversion_config, schedule, weight_dtype, vae_dtype
                            args.inversion_cache_dtype, encoders)
 
 
-def load_reference(args, kind, device, dtype):
-    """Full fine-tune: a second, frozen copy of the base model, kept on the device in the mixed-precision dtype."""
-    _, subfolder, model_class = MODEL_KINDS[kind]
-    logger.info("loading the reference %s", "UNet" if subfolder == "unet" else "transformer")
-    reference = diffusers_class(model_class).from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder,
-                                                             variant=args.variant, revision=args.revision,
-                                                             cache_dir=args.cache_dir_model)
-    reference.requires_grad_(False).eval().to(device, dtype=dtype)
-    if args.enable_xformers_memory_efficient_attention:
-        reference.enable_xformers_memory_efficient_attention()
-    return compile_model(reference, args)
-
-
-def compile_model(model, args):
-    """--torch_compile: nn.Module.compile, in place, so the module keeps its class, state dict keys and hooks
-    (checkpoints, LoRA saving and DDP see the plain module). Without the flag, the module as it is."""
-    if args.torch_compile:
-        model.compile(backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
-    return model
-
-
-class Reference:
-    """The frozen reference: a separate copy of the base model loaded on first use (with a trajectory cache, a run
-    whose trajectories are all cached never loads it), or for LoRA the policy itself with its adapters switched off."""
-
-    def __init__(self, load=None, lora_model=None):
-        self._load, self._model, self.lora_model = load, None, lora_model
-
-    @property
-    def model(self):
-        return self.lora_model if self.lora_model is not None else self.load()
-
-    def load(self):
-        if self._model is None:
-            self._model = self._load()
-        return self._model
-
-    def context(self):
-        return reference_mode(self.lora_model) if self.lora_model is not None else contextlib.nullcontext()
-
-
-def add_lora(model, args):
-    from peft import LoraConfig
-
-    model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
-                                target_modules=[m.strip() for m in args.lora_target_modules.split(",")]))
-
-
-@contextlib.contextmanager
-def reference_mode(model):
-    """LoRA: the reference is the same model with its adapters switched off."""
-    model.disable_adapters()
-    try:
-        yield model
-    finally:
-        model.enable_adapters()
-
-
 def set_peak_learning_rate(lr_scheduler, learning_rate):
     """After a resume, train at this run's --learning_rate (a checkpoint's scheduler state holds the old one), at the
     same point of the schedule."""
@@ -612,17 +437,6 @@ def set_peak_learning_rate(lr_scheduler, learning_rate):
     for group, rate in zip(scheduler.optimizer.param_groups, rates):
         group["lr"] = rate
     scheduler._last_lr = rates
-
-
-@torch.no_grad()
-def perturb(params, scale, seed):
-    """--init_perturbation: w += scale * rms(w) * n (scale * n where w is all zeros), n ~ N(0, 1) drawn on the CPU from
-    `seed`, so every process and every resume start from the same weights."""
-    generator = torch.Generator().manual_seed(seed)
-    for p in params:
-        noise = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
-        rms = p.float().pow(2).mean().sqrt()
-        p.add_(noise * (scale * rms if rms > 0 else scale))
 
 
 def make_optimizer(args, params):
@@ -641,138 +455,6 @@ def make_optimizer(args, params):
         optimizer_class = torch.optim.AdamW
     return optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One training micro-step
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encode_images(vae, pixel_values):
-    """VAE latents as the pipelines make them: (z - shift_factor) * scaling_factor (SD3 and FLUX VAEs have a shift,
-    the others none). The posterior mean: a trajectory is a function of the image alone."""
-    latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
-    return (latents.float() - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
-
-
-def loss_targets(args, trajectories):
-    """(rows, N, C, H, W): what a prediction at each step is compared with: the stored e_i (v_i for flows), or for
-    the anchored form x_i's noise relative to x_0, eps^_i (its velocity v^_i for flows)."""
-    if args.loss_type == "inversion_dpo_x0":
-        return trajectories.anchored_target()
-    return trajectories.noise
-
-
-def target_name(args):
-    """Which of the reference's stored errors (trajectory_cache.REFERENCE_TARGETS) the loss compares with."""
-    return "anchored" if args.loss_type == "inversion_dpo_x0" else "step"
-
-
-def reference_errors(args, reference, trajectories, cond, uncond):
-    """{target: (rows, N)}: the reference's squared error at every x_i under the loss guidance, against e_i ("step")
-    and eps^_i ("anchored"). N reference passes per image (twice each with guidance), no gradient."""
-    with torch.no_grad(), reference.context():
-        prediction = predict_on_trajectory(reference.model, trajectories, cond, uncond, args.loss_guidance_scale,
-                                           at="end", chunk_size=args.trajectory_chunk_size)
-    return {"step": losses.squared_error(prediction, trajectories.noise, batch_dims=2),
-            "anchored": losses.squared_error(prediction, trajectories.anchored_target(), batch_dims=2)}
-
-
-def policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps):
-    """(rows, K) squared errors of the policy against `targets` at the trajectory points of `steps`."""
-    prediction = predict_on_trajectory(policy, trajectories, cond, uncond, args.loss_guidance_scale, at=at,
-                                       steps=steps, chunk_size=args.trajectory_chunk_size)
-    return losses.squared_error(prediction, targets[:, steps], batch_dims=2)
-
-
-def trajectory_loss(args, accelerator, policy, trajectories, cond, uncond, weights, generator):
-    """An Inversion-DPO loss and its gradient. `trajectories`, `cond`, `uncond`: the B winners, then the B losers.
-
-    The policy is evaluated at every step, or at --loss_timesteps steps drawn by `generator` as
-    --loss_timestep_sampling says, each weighted so that the score is unbiased (`losses.draw_loss_steps`). With
-    --trajectory_chunk_size K below that count the gradient is computed chunk by chunk: pass 1 takes every policy
-    error without gradient, the loss, and dL/d(error) for each (image, step); pass 2 recomputes K steps at a time
-    with gradient and backpropagates sum(dL/d(error) * error). Same gradient as one graph, memory of one chunk; under
-    DDP only the last backward synchronises.
-    """
-    if args.beta_dpo is None:  # the anchored form's rule, from the first batch (BetaRule)
-        BetaRule(args).calibrate(accelerator, trajectories, weights)
-    at = "end" if args.loss_type in AT_END_FORMS else "start"
-    targets = loss_targets(args, trajectories)
-    steps, step_weights = torch.arange(trajectories.num_steps), weights
-    if args.loss_timesteps is not None:
-        steps, step_weights = losses.draw_loss_steps(weights, args.loss_timesteps, args.loss_timestep_sampling,
-                                                     generator)
-        step_weights = step_weights.to(weights.device)
-
-    def loss_of(errors):
-        errors_w, errors_l = errors.chunk(2)
-        if args.loss_type in AT_END_FORMS:
-            reference_w, reference_l = trajectories.reference_errors[target_name(args)][:, steps].chunk(2)
-            loss_fn = losses.inversion_dpo_exact if args.loss_type == "inversion_dpo_exact" else losses.inversion_dpo_x0
-            return loss_fn(errors_w, reference_w, errors_l, reference_l, step_weights, args.beta_dpo)
-        loss_fn = losses.inversion_dpo if args.loss_type == "inversion_dpo" else losses.inversion_dpo_official
-        return loss_fn(errors_w, errors_l, step_weights, args.beta_dpo)
-
-    if args.trajectory_chunk_size >= len(steps):
-        with phase("loss pass"):
-            output = loss_of(policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps))
-        with phase("backward"):
-            accelerator.backward(output.loss)
-        return output
-
-    with phase("loss pass"), torch.no_grad():
-        errors = policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps)
-    errors.requires_grad_(True)
-    with torch.enable_grad():
-        output = loss_of(errors)
-        (factor,) = torch.autograd.grad(output.loss, errors)
-    chunks = torch.arange(len(steps)).split(args.trajectory_chunk_size)  # positions in `steps`
-    with phase("backward"):  # each chunk's policy pass again, with its graph, then its backward
-        for index, positions in enumerate(chunks):
-            with contextlib.nullcontext() if index == len(chunks) - 1 else accelerator.no_sync(policy):
-                chunk_errors = policy_errors(policy, trajectories, targets, cond, uncond, args, at, steps[positions])
-                accelerator.backward((factor[:, positions] * chunk_errors).sum())
-    output.loss = output.loss.detach()
-    return output
-
-
-def noising_loss(args, accelerator, policy, reference, latents_w, latents_l, cond, train_levels, generator):
-    """diffusion_dpo and sft: one random training noise level per pair (DDPM: t uniform; flows: the model's
-    logit-normal training density), the same noise for winner and loser; errors against eps (DDPM) or the velocity
-    eps - x_0 (flows). FLUX takes --loss_guidance_scale as its guidance embedding."""
-    flow = cond.kind != "unet"
-    guidance = args.loss_guidance_scale if cond.kind == "flux" else None
-    device = latents_w.device
-    levels, timesteps = draw_training_levels(train_levels, latents_w.shape[0], flow, generator)
-    noise = torch.randn(latents_w.shape, generator=generator).to(device)
-    levels, timesteps = levels.to(device), timesteps.to(device)
-    with phase("loss pass"):
-        output = noising_loss_value(args, policy, reference, latents_w, latents_l, cond, levels, timesteps, noise,
-                                    flow, guidance)
-    with phase("backward"):
-        accelerator.backward(output.loss)  # accelerate divides by the accumulation steps
-    return output
-
-
-def noising_loss_value(args, policy, reference, latents_w, latents_l, cond, levels, timesteps, noise, flow, guidance):
-    """The forward half of `noising_loss`: the policy's (and for diffusion_dpo the reference's) errors, the loss."""
-    if args.loss_type == "sft":
-        noisy, target = training_noise(latents_w, noise, levels, flow)
-        output = losses.sft(losses.squared_error(model_prediction(policy, noisy, timesteps, cond, guidance), target))
-    else:
-        noisy, target = training_noise(torch.cat([latents_w, latents_l]), noise.repeat(2, 1, 1, 1), levels.repeat(2),
-                                       flow)
-        both, timesteps2 = Conditioning.cat([cond, cond]), timesteps.repeat(2)
-        policy_pred = model_prediction(policy, noisy, timesteps2, both, guidance)
-        with torch.no_grad():
-            with reference.context():
-                reference_pred = model_prediction(reference.model, noisy, timesteps2, both, guidance)
-        policy_w, policy_l = losses.squared_error(policy_pred, target).chunk(2)
-        reference_w, reference_l = losses.squared_error(reference_pred, target).chunk(2)
-        output = losses.diffusion_dpo(policy_w, reference_w, policy_l, reference_l, args.beta_dpo)
-    return output
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -897,34 +579,6 @@ def flop_counter(args, accelerator, denoiser, meter):
     if meter.peak is None or args.torch_compile or sharded:
         return None
     return FlopCount(accelerator.unwrap_model(denoiser))
-
-
-class BetaRule:
-    """The anchored form's default temperature (`--beta_dpo` not given): beta = --relative_beta / R, R the
-    reference's step-weighted error on the first step's trajectories, averaged over every process
-    (`losses.reference_scale`), then fixed for the run. `trajectory_loss` calibrates it while `args.beta_dpo` is
-    unset and writes it there, where the losses read it; the run's instance saves it in checkpoints
-    (`accelerator.register_for_checkpointing`), so a resumed run keeps the same beta."""
-
-    def __init__(self, args):
-        self.args = args
-        self.active = args.beta_dpo is None and args.loss_type == "inversion_dpo_x0"
-
-    def calibrate(self, accelerator, trajectories, weights):
-        if not self.active or self.args.beta_dpo is not None:
-            return
-        local = losses.reference_scale(trajectories.reference_errors[target_name(self.args)], weights)
-        scale = accelerator.reduce(local.reshape(1).to(accelerator.device), "mean").item()
-        self.args.beta_dpo = losses.relative_beta(self.args.relative_beta, scale)
-        logger.info("beta %.4g = --relative_beta %g / R, R = %.4g (the reference's step-weighted error on the first "
-                    "batch's trajectories)", self.args.beta_dpo, self.args.relative_beta, scale)
-
-    def state_dict(self):
-        return {"beta": self.args.beta_dpo if self.active else None}
-
-    def load_state_dict(self, state):
-        if self.active and state.get("beta") is not None:
-            self.args.beta_dpo = state["beta"]
 
 
 def apply_update(accelerator, optimizer, lr_scheduler, finite):
@@ -1085,8 +739,6 @@ CARD = """---
 Trained with train_inversion_dpo.py; every flag of the run is in `training_config.json`, every step's metrics in
 `metrics.jsonl`.
 """
-PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
-             "flux": "FluxPipeline"}
 
 
 def model_card(args, kind, output_dir):
@@ -1148,36 +800,6 @@ def upload_to_hub(args, output_dir, repo_id):
                                   commit_message="End of training",
                                   ignore_patterns=["checkpoint-*/**", "checkpoint-*", ".incomplete-*", "logs/**"])
     logger.info("uploaded %s to https://huggingface.co/%s", output_dir, repo_id)
-
-
-def save_model(model, args, kind, folder):
-    """unet/ or transformer/ in diffusers format (full), or the pipeline's LoRA file (`pipe.load_lora_weights`)."""
-    pipeline_name, subfolder, _ = MODEL_KINDS[kind]
-    if args.use_lora:
-        from peft.utils import get_peft_model_state_dict
-
-        diffusers_class(pipeline_name).save_lora_weights(
-            folder, **{f"{subfolder}_lora_layers": get_peft_model_state_dict(model)}, safe_serialization=True)
-    else:
-        model.save_pretrained(os.path.join(folder, subfolder), safe_serialization=True)
-
-
-def build_pipeline(models, denoiser, scheduler_config):
-    """The model's own pipeline around `denoiser`, for validation images and --save_pipeline."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
-    kind = models["kind"]
-    pipeline_name, subfolder, _ = MODEL_KINDS[kind]
-    scheduler_class = FlowMatchEulerDiscreteScheduler if kind in FLOW_KINDS else DDIMScheduler
-    parts = {subfolder: denoiser, "vae": models["vae"], "scheduler": scheduler_class.from_config(scheduler_config)}
-    for number, (tokenizer, encoder) in enumerate(zip(models["tokenizers"], models["text_encoders"]), start=1):
-        suffix = "" if number == 1 else f"_{number}"
-        parts.update({f"tokenizer{suffix}": tokenizer, f"text_encoder{suffix}": encoder})
-    if kind == "sd":
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline = diffusers_class(pipeline_name)(**parts)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 @torch.no_grad()
@@ -1302,16 +924,65 @@ def warn_zero_gradient(args, logs):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Run:
+    """What the recipe's steps hand to each other."""
+
+    accelerator: object
+    output_dir: Path
+    dataloader: object = None
+    bad_rows: object = None
+    models: dict = None
+    kind: str = None
+    weight_dtype: torch.dtype = None
+    denoiser: torch.nn.Module = None
+    prompt_encoder: object = None
+    schedule: object = None
+    cache: object = None
+    weights: torch.Tensor = None  # the loss's per-step weights
+    train_levels: torch.Tensor = None  # noise levels of the training timesteps (diffusion_dpo, sft)
+    optimizer: object = None
+    lr_scheduler: object = None
+    params: list = None
+    steps_per_epoch: int = None
+    num_epochs: int = 1
+    reference: object = None
+    nonfinite: object = None
+    hub_repo: str = None
+    global_step: int = 0
+    first_epoch: int = 0
+    resume_batches: int = 0
+
+
 def main(args):
+    # 1. Accelerator, logging, seed, the output folder.
+    run = start(args)
+    # 2. Data first: a missing dataset fails before minutes of model loading.
+    run.dataloader, run.bad_rows = load_data(args, run.accelerator)
+    # 3. Models: frozen encoders and the policy on the device, the schedule, the trajectory cache.
+    place_models(args, run)
+    # 4. The memory budget, before the reference loads (--memory_budget prints it and stops here).
+    if memory_check(args, run):
+        return end_processes(run.accelerator)
+    # 5. Optimiser, learning-rate schedule, accelerate.
+    prepare_optimisation(args, run)
+    # 6. The reference, the hub repository, trackers (--fill_inversion_cache fills the cache and stops here).
+    if prepare_reference(args, run):
+        return end_processes(run.accelerator)
+    # 7. Resume.
+    resume(args, run)
+    # 8. Train.
+    train(args, run)
+    # 9. Save the result where the notebook and `from_pretrained` look for it, the model card, the upload.
+    save_outputs(args, run)
+    end_processes(run.accelerator)
+
+
+def start(args):
+    """Step 1: the accelerator, logging, the seed, the output folder with the run's settings, the phase log."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from tqdm.auto import tqdm
 
-    from data import BadRowTracker, PreferenceDataConfig, load_preference_dataset, make_dataloader
-
-    # 1. Accelerator, logging, seed.
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -1338,8 +1009,13 @@ def main(args):
     # seconds and peak memory of the setup's phases and the first steps' (step_meter.PhaseLog)
     PHASES.open(accelerator.device, output_dir / "memory_phases.jsonl" if accelerator.is_main_process else None,
                 logger if accelerator.is_main_process else None)
+    return Run(accelerator, output_dir)
 
-    # 2. Data first: a missing dataset fails before minutes of model loading.
+
+def load_data(args, accelerator):
+    """Step 2: the preference pairs and their dataloader, and the tracker of unreadable rows."""
+    from data import BadRowTracker, PreferenceDataConfig, load_preference_dataset, make_dataloader
+
     data_config = PreferenceDataConfig(**{f.name: getattr(args, f.name) for f in fields(PreferenceDataConfig)
                                           if hasattr(args, f.name)})
     data_config.hflip = not args.no_hflip
@@ -1351,8 +1027,16 @@ def main(args):
         dataset = dataset.for_process(accelerator.process_index, accelerator.num_processes)
     train_dataloader = make_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, seed=args.seed)
     bad_rows = BadRowTracker(args.max_bad_fraction)
+    return train_dataloader, bad_rows
 
-    # 3. Models: frozen encoders, the policy, the frozen reference, all on the device.
+
+def place_models(args, run):
+    """Step 3: load the models; frozen text encoders and VAE on the device in their dtypes; the policy (full, or its
+    base with LoRA adapters) on the device, checkpointed and with its attention backend; the inversion schedule, the
+    loss weights, the training noise levels, and the trajectory cache."""
+    from diffusers.training_utils import cast_training_params
+
+    accelerator, output_dir = run.accelerator, run.output_dir
     try:
         with phase("model load"):
             models = load_models(args)
@@ -1401,26 +1085,39 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         denoiser.enable_xformers_memory_efficient_attention()
     prompt_encoder = make_prompt_encoder(args, models)
-    # The memory budget, before the reference loads (and --trajectory_chunk_size auto from it); the probe runs the
-    # model eagerly, so before compiling.
-    budget, run_shape, sizes = memory_plan(args, accelerator, kind, models, denoiser, prompt_encoder, weight_dtype,
-                                           cache)
+    weights = step_weights(schedule, args.timestep_weighting).to(accelerator.device)
+    # The noise levels of training timesteps, for diffusion_dpo and sft: a(t) (DDPM), or sigma (flows).
+    train_levels = (flow_training_sigmas if kind in FLOW_KINDS else training_alphas)(models["scheduler_config"])
+    run.models, run.kind, run.weight_dtype, run.denoiser = models, kind, weight_dtype, denoiser
+    run.prompt_encoder, run.schedule, run.cache = prompt_encoder, schedule, cache
+    run.weights, run.train_levels = weights, train_levels
+
+
+def memory_check(args, run):
+    """Step 4: the memory budget, stated before the reference loads (and --trajectory_chunk_size auto from it); the
+    probe runs the model eagerly, so the model is compiled after it. True for --memory_budget: printed, stop."""
+    accelerator = run.accelerator
+    budget, run_shape, sizes = memory_plan(args, accelerator, run.kind, run.models, run.denoiser, run.prompt_encoder,
+                                           run.weight_dtype, run.cache)
     if args.memory_budget:
         if accelerator.is_main_process:
             report_budget(budget, run_shape, sizes, print)
-        end_processes(accelerator)
-        return
+        return True
     if accelerator.is_main_process:
         report_budget(budget, run_shape, sizes, logger.info)
         if not budget.fits:
             logger.warning("the expected peak, %s, exceeds %s: see the flags above (--memory_budget prints this "
                            "and exits)", memory_budget.size(budget.total), memory_budget.size(budget.limit))
-    compile_model(denoiser, args)  # for LoRA, the reference too: the same module with its adapters off
-    weights = step_weights(schedule, args.timestep_weighting).to(accelerator.device)
-    # The noise levels of training timesteps, for diffusion_dpo and sft: a(t) (DDPM), or sigma (flows).
-    train_levels = (flow_training_sigmas if kind in FLOW_KINDS else training_alphas)(models["scheduler_config"])
+    compile_model(run.denoiser, args)  # for LoRA, the reference too: the same module with its adapters off
+    return False
 
-    # 4. Optimiser, learning-rate schedule, accelerate.
+
+def prepare_optimisation(args, run):
+    """Step 5: the optimiser over the trainable parameters, the learning-rate schedule, accelerate's wrapping, the
+    epochs, and the hooks that save and load the model in checkpoints."""
+    from diffusers.optimization import get_scheduler
+
+    accelerator, denoiser, train_dataloader, kind = run.accelerator, run.denoiser, run.dataloader, run.kind
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -1446,8 +1143,17 @@ def main(args):
     else:
         num_epochs = 1
     register_model_hooks(accelerator, args, kind)
-    # The reference: a separate frozen UNet (loaded now unless a trajectory cache may make it unnecessary), or for
-    # LoRA the policy's base weights with the adapters off. It stays on the device: no offloading per call.
+    run.denoiser, run.optimizer, run.dataloader, run.lr_scheduler = denoiser, optimizer, train_dataloader, \
+        lr_scheduler
+    run.params, run.steps_per_epoch, run.num_epochs = params, steps_per_epoch, num_epochs
+
+
+def prepare_reference(args, run):
+    """Step 6: the frozen reference (a separate copy, loaded now unless a trajectory cache may make it unnecessary;
+    for LoRA the policy with its adapters off; on the device, no offloading per call), then --fill_inversion_cache
+    (True: filled, stop), the hub repository, the trackers, and the state that checkpoints keep besides the model."""
+    accelerator, denoiser, kind, output_dir = run.accelerator, run.denoiser, run.kind, run.output_dir
+    weight_dtype, cache = run.weight_dtype, run.cache
     if args.use_lora:
         reference = Reference(lora_model=accelerator.unwrap_model(denoiser))
     else:
@@ -1455,11 +1161,12 @@ def main(args):
         if cache is None and args.loss_type != "sft":
             with phase("reference load"):
                 reference.load()  # now: a reference that cannot load fails before any training
+    run.reference = reference
     if args.fill_inversion_cache:
         with phase("cache fill"):
-            fill_cache(args, accelerator, train_dataloader, reference, prompt_encoder, models["vae"], schedule, cache)
-        end_processes(accelerator)
-        return
+            fill_cache(args, accelerator, run.dataloader, reference, run.prompt_encoder, run.models["vae"],
+                       run.schedule, cache)
+        return True
     hub_repo = None
     if args.push_to_hub and accelerator.is_main_process:  # created now: a bad token or name fails before training
         import huggingface_hub
@@ -1473,8 +1180,14 @@ def main(args):
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
     accelerator.register_for_checkpointing(nonfinite)
     accelerator.register_for_checkpointing(BetaRule(args))  # the anchored form's rule: its beta, kept on resume
+    run.hub_repo, run.nonfinite = hub_repo, nonfinite
+    return False
 
-    # 5. Resume.
+
+def resume(args, run):
+    """Step 7: with --resume_from_checkpoint, the checkpoint's state and the run's position (step, epoch, batch)."""
+    accelerator, output_dir, steps_per_epoch, lr_scheduler = run.accelerator, run.output_dir, run.steps_per_epoch, \
+        run.lr_scheduler
     global_step, first_epoch, resume_batches = 0, 0, 0
     if args.resume_from_checkpoint:
         if args.resume_from_checkpoint == "latest":
@@ -1494,8 +1207,22 @@ def main(args):
             if steps_per_epoch is not None:
                 first_epoch = global_step // steps_per_epoch
                 resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    run.global_step, run.first_epoch, run.resume_batches = global_step, first_epoch, resume_batches
 
-    # 6. Train.
+
+def train(args, run):
+    """Step 8: the loop. Each micro-batch: the training step (training.py) under accumulation; each optimiser step:
+    clipping, the update (skipped when not finite), its metrics row, checkpoints, validation."""
+    from tqdm.auto import tqdm
+
+    accelerator, output_dir, denoiser, models = run.accelerator, run.output_dir, run.denoiser, run.models
+    train_dataloader, bad_rows, optimizer, lr_scheduler = run.dataloader, run.bad_rows, run.optimizer, \
+        run.lr_scheduler
+    reference, prompt_encoder, schedule, cache = run.reference, run.prompt_encoder, run.schedule, run.cache
+    weights, train_levels, params, nonfinite = run.weights, run.train_levels, run.params, run.nonfinite
+    weight_dtype, num_epochs, first_epoch, resume_batches = run.weight_dtype, run.num_epochs, run.first_epoch, \
+        run.resume_batches
+    global_step = run.global_step
     logger.info("%d pairs per optimiser step (%d per process x %d accumulation x %d processes), %d steps, loss %s",
                 args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
                 args.train_batch_size, args.gradient_accumulation_steps, accelerator.num_processes,
@@ -1600,10 +1327,15 @@ def main(args):
         raise SystemExit(f"out of memory at step {global_step + 1} (phase {PHASES.failed_in}): {error}\n"
                          "Flags that reduce memory (--memory_budget shows what each part needs): "
                          + "; ".join(MEMORY_FLAGS)) from error
+    run.global_step = global_step
 
-    # 7. Save the result where the notebook and `from_pretrained` look for it.
-    require_finite_weights(accelerator, params, global_step, "final model")
-    final_model = full_model(accelerator, args, kind, denoiser)  # FSDP: every process joins in gathering weights
+
+def save_outputs(args, run):
+    """Step 9: the final model (checked finite; gathered under FSDP), optionally the whole pipeline, the model card,
+    and with --push_to_hub the upload."""
+    accelerator, output_dir, kind, models = run.accelerator, run.output_dir, run.kind, run.models
+    require_finite_weights(accelerator, run.params, run.global_step, "final model")
+    final_model = full_model(accelerator, args, kind, run.denoiser)  # FSDP: every process joins in gathering weights
     if accelerator.is_main_process:
         save_model(final_model, args, kind, str(output_dir))
         if args.save_pipeline:
@@ -1613,69 +1345,9 @@ def main(args):
             build_pipeline(models, final_model, models["scheduler_config"]) \
                 .save_pretrained(output_dir)
         write_model_card(args, kind, output_dir)
-        logger.info("training finished after %d steps; output in %s", global_step, output_dir)
+        logger.info("training finished after %d steps; output in %s", run.global_step, output_dir)
         if args.push_to_hub:
-            upload_to_hub(args, output_dir, hub_repo)
-    end_processes(accelerator)
-
-
-def pair_conditioning(args, prompt_encoder, batch):
-    """The captions' conditioning for the winner rows, then the loser rows: they share the caption, encoded once;
-    SDXL's time_ids (original size, crop) are each image's own."""
-    target = (args.resolution, args.resolution)
-    cond_w = prompt_encoder.encode(batch["captions"], batch["original_sizes_w"], batch["crop_top_lefts_w"], target)
-    cond_l = cond_w
-    if cond_w.time_ids is not None:
-        time_ids = sdxl_time_ids(batch["original_sizes_l"], batch["crop_top_lefts_l"], target)
-        cond_l = replace(cond_w, time_ids=time_ids.to(cond_w.time_ids.device))
-    return Conditioning.cat([cond_w, cond_l])
-
-
-def image_keys(args, cache, batch):
-    """The cache's encoding key of each image, winners then losers: its pixels (after crop and flip), caption and,
-    for SDXL's time_ids, original size, crop and target size."""
-    keys = []
-    for role in ("w", "l"):
-        for b, caption in enumerate(batch["captions"]):
-            ids = [batch[f"original_sizes_{role}"][b].tolist(), batch[f"crop_top_lefts_{role}"][b].tolist(),
-                   args.resolution]
-            keys.append(cache.image_key(batch[f"pixel_values_{role}"][b], caption, ids))
-    return keys
-
-
-def encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys):
-    """Latents x_0 (2B, C, H, W) and conditioning of the winners, then the losers: from the cache's encodings when it
-    holds them (no VAE, no text encoder), else encoded."""
-
-    def encode(rows):  # the VAE on the winners, then the losers: the peak memory of B images, not 2B
-        latents = torch.cat([encode_images(vae, batch["pixel_values_w"]), encode_images(vae, batch["pixel_values_l"])])
-        return latents[rows], pair_conditioning(args, prompt_encoder, batch).select(rows)
-
-    if cache is None:
-        return encode(slice(None))
-    return cache.encodings(keys, encode, prompt_encoder.kind, accelerator.device)
-
-
-def invert_pairs(args, reference, latents, cond, uncond, schedule, cache=None, keys=None):
-    """Trajectories of `latents` under the reference, with the reference's errors for the exact and anchored forms:
-    read from the cache (`keys`: each image's encoding key) when it holds them, else computed."""
-
-    def invert_rows(rows):
-        with reference.context():
-            return invert(reference.model, latents[rows], cond.select(rows),
-                          None if uncond is None else uncond.select(rows), schedule, args.inversion_guidance_scale)
-
-    def errors_of(trajectories, rows):
-        return reference_errors(args, reference, trajectories, cond.select(rows),
-                                None if uncond is None else uncond.select(rows))
-
-    errors = errors_of if args.loss_type in AT_END_FORMS else None
-    if cache is None:
-        trajectories = invert_rows(slice(None))
-        if errors:
-            trajectories.reference_errors = errors(trajectories, slice(None))
-        return trajectories
-    return cache.trajectories(keys, latents, schedule, invert_rows, errors)
+            upload_to_hub(args, output_dir, run.hub_repo)
 
 
 def fill_cache(args, accelerator, dataloader, reference, prompt_encoder, vae, schedule, cache):
@@ -1693,35 +1365,6 @@ def fill_cache(args, accelerator, dataloader, reference, prompt_encoder, vae, sc
     accelerator.wait_for_everyone()
     logger.info("trajectory cache %s filled on process %d: %s", args.inversion_cache_dir, accelerator.process_index,
                 cache.summary())
-
-
-def training_step(args, accelerator, model, reference, prompt_encoder, vae, batch, schedule, weights, train_levels,
-                  generator, cache):
-    """Encode, invert (reference, no gradient), evaluate the policy, backpropagate. Returns the `LossOutput`. With a
-    warm cache the first two are reads, and the step runs the policy alone (diffusion_dpo: with the reference).
-
-    `generator` draws the noise and timesteps of diffusion_dpo and sft, and the --loss_timesteps subset."""
-    keys = None if cache is None else image_keys(args, cache, batch)
-    with phase("encoding"):
-        latents, cond = encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys)
-    if args.loss_type in NOISING_FORMS:
-        latents_w, latents_l = latents.chunk(2)
-        cond_w = cond.select(slice(0, len(latents_w)))  # the winner's time_ids for both, as Diffusion-DPO
-        return noising_loss(args, accelerator, model, reference, latents_w, latents_l, cond_w, train_levels, generator)
-    uncond = prompt_encoder.unconditional(cond)
-    if args.anchor_points == "noised":  # the diagnostic: forward noisings at the inversion's levels
-        noise = torch.randn((len(latents), schedule.num_steps, *latents.shape[1:]), generator=generator)
-        trajectories = noised_trajectory(latents, noise.to(latents.device), schedule)
-        trajectories.reference_errors = reference_errors(args, reference, trajectories, cond, uncond)
-    elif args.anchor_points == "standardised":  # the candidate: the inversion path, standardised per channel
-        with torch.no_grad(), reference.context():
-            inverted = invert(reference.model, latents, cond, uncond, schedule, args.inversion_guidance_scale)
-        trajectories = standardised_trajectory(inverted)
-        trajectories.reference_errors = reference_errors(args, reference, trajectories, cond, uncond)
-    else:
-        with phase("inversion" if cache is None else "cache read"):  # a cache miss inverts inside the read
-            trajectories = invert_pairs(args, reference, latents, cond, uncond, schedule, cache, keys)
-    return trajectory_loss(args, accelerator, model, trajectories, cond, uncond, weights, generator)
 
 
 if __name__ == "__main__":

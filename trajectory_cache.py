@@ -30,7 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from inversion import Conditioning, Trajectory
+from models import Conditioning
+from inversion import Trajectory
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import startup  # noqa: E402,F401  (before diffusers: quiets two start-up warnings)
 
-from inversion import Conditioning, InversionSchedule, Trajectory  # noqa: E402
+from models import Conditioning  # noqa: E402
+from inversion import InversionSchedule, Trajectory  # noqa: E402
 from trajectory_cache import DTYPES, REFERENCE_TARGETS, TrajectoryCache  # noqa: E402
 
 

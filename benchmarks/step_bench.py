@@ -161,9 +161,10 @@ class Bench:
 
         from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
-        from inversion import Conditioning
+        from models import Conditioning
         from tiny_models import build_tiny_flux, build_tiny_sd3, build_tiny_sdxl
-        from train_inversion_dpo import DEFAULT_LORA_TARGETS, Reference
+        from models import DEFAULT_LORA_TARGETS
+        from training import Reference
 
         self.mode, self.chunk, self.kind = mode, chunk, KINDS[config]
         self.loss = dict(loss_type=loss_type, loss_timesteps=loss_timesteps,
@@ -260,7 +261,7 @@ class Bench:
         if num_steps not in self._setups:
             from inversion import FlowSchedule, InversionSchedule, flow_training_sigmas, training_alphas
             from tiny_models import FLUX_SCHEDULER_CONFIG, SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
-            from train_inversion_dpo import step_weights
+            from training import step_weights
             from trajectory_cache import TrajectoryCache
 
             scheduler_config = {"sdxl": SCHEDULER_CONFIG, "sd3": SD3_SCHEDULER_CONFIG,
@@ -287,7 +288,7 @@ class Bench:
     def fill(self, num_steps):
         """Write the trajectories of N steps into the cache (what --fill_inversion_cache does), with the anchored
         form's reference errors (invert_pairs stores them for the forms evaluated at x_i)."""
-        from train_inversion_dpo import invert_pairs
+        from training import invert_pairs
 
         args, schedule, _, cache = self.setup(num_steps)
         invert_pairs(args, self.reference, self.latents, self.cond, self.uncond, schedule, cache, self.keys)
@@ -295,7 +296,7 @@ class Bench:
     def step(self, num_steps):
         """One optimiser step: trajectories (inverted, or read from the cache), the loss and its gradient, AdamW.
         Diffusion-DPO (num_steps None): the policy's and reference's errors at one noise level, the gradient, AdamW."""
-        from train_inversion_dpo import invert_pairs, noising_loss, trajectory_loss
+        from training import invert_pairs, noising_loss, trajectory_loss
 
         if self.noising:
             args, levels, _, _ = self.setup(num_steps)
@@ -356,7 +357,7 @@ def loss_options(args):
 
 def run_one(args):
     """One configuration, in this process; prints one JSON line."""
-    from train_inversion_dpo import compile_model
+    from models import compile_model
 
     cached = args.mode == "cached"
     bench = Bench(args.config, args.mode, args.lora, args.chunk, cache_dir=args.cache_dir,

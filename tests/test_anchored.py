@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from test_losses import perturbed
 
-from inversion import Conditioning, InversionSchedule, PromptEncoder, anchored_noise
+from models import Conditioning, PromptEncoder
+from inversion import InversionSchedule, anchored_noise
 from losses import SATURATION_MARGIN, inversion_dpo_x0, timestep_weights
-from train_inversion_dpo import Reference, invert_pairs, parse_args, trajectory_loss
+from training import Reference, invert_pairs, trajectory_loss
+from train_inversion_dpo import parse_args
 from trajectory_cache import TrajectoryCache
 
 N, BETA, G = 4, 500.0, 2.0

@@ -31,6 +31,7 @@ def run_step_bench(out, *flags, check=True):
     return done if not check else [json.loads(line) for line in out.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_step_bench_writes_one_json_line_per_configuration(tmp_path):
     # --stop_when_fits: N = 4 runs, so N = 3 is never tried
     rows = run_step_bench(tmp_path / "steps.jsonl", "--inversion_steps", "4", "3", "--stop_when_fits")
@@ -68,6 +69,7 @@ def test_flop_counts_are_linear_in_n_and_leave_out_recomputation(tmp_path, mode,
     assert model_2 < executed_2 < 2 * model_2
 
 
+@pytest.mark.slow
 def test_step_bench_measures_diffusion_dpo_and_the_anchored_form_at_m_steps(tmp_path):
     # Diffusion-DPO's step (mode noising) against the anchored form with a warm cache, at every step and at M = 2
     # stratified steps with loss guidance 1: the rows of issue 20, on the tiny model

@@ -7,9 +7,10 @@ import torch
 from accelerate import Accelerator
 
 import losses
-from inversion import Conditioning, InversionSchedule, PromptEncoder, invert
-from train_inversion_dpo import (Reference, loss_targets, parse_args, policy_errors, reference_errors,
-                                 trajectory_loss)
+from models import Conditioning, PromptEncoder
+from inversion import InversionSchedule, invert
+from training import Reference, loss_targets, policy_errors, reference_errors, trajectory_loss
+from train_inversion_dpo import parse_args
 
 
 def gradient(policy, args, micro_batches, weights):

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_efficiency_study_writes_its_tables(tmp_path):
     results = tmp_path / "results"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "efficiency.py"), "--quick", "--work_dir",

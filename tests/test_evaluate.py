@@ -169,6 +169,7 @@ def run_notebook(base, trained, tmp_path, name):
     return "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
 
 
+@pytest.mark.slow
 def test_quick_samples_notebook_runs_headless(tiny_sdxl_path, tuned_folders, tmp_path):
     for kind in ("full", "lora"):
         assert "PickScore base" in run_notebook(tiny_sdxl_path, tuned_folders / kind, tmp_path, kind)

@@ -8,14 +8,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from inversion import (
-    FlowSchedule,
-    FluxPromptEncoder,
-    SD3PromptEncoder,
-    invert,
-    model_prediction,
-)
-from train_inversion_dpo import Reference, parse_args, reference_errors, step_weights, trajectory_loss
+from inversion import FlowSchedule, invert
+from models import FluxPromptEncoder, SD3PromptEncoder, model_prediction
+from train_inversion_dpo import parse_args
+from training import Reference, reference_errors, step_weights, trajectory_loss
 
 CAPTIONS = ["a red square", "two blue circles"]
 MAX_TOKENS = 16

@@ -58,6 +58,7 @@ def runs(request, tiny_sd3_path, tiny_flux_path, pairs_dir, tmp_path_factory):  
     return dict(kind=kind, model=model, one=one, resumed=resumed, two=two)
 
 
+@pytest.mark.slow
 def test_trains_and_resumes_exactly(runs):
     kind = runs["kind"]
     config = json.loads((runs["one"] / "training_config.json").read_text())
@@ -163,7 +164,8 @@ def test_recipe_scripts_run_with_overrides(tiny_sd3_path, tiny_flux_path, pairs_
 def test_an_sd3_folder_saved_without_t5_loads_without_it(sd3_pipe, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from train_inversion_dpo import load_models, make_prompt_encoder, parse_args
+    from models import load_models, make_prompt_encoder
+    from train_inversion_dpo import parse_args
 
     parts = {**sd3_pipe.components, "text_encoder_3": None, "tokenizer_3": None}
     StableDiffusion3Pipeline(**parts).save_pretrained(tmp_path)  # model_index.json: text_encoder_3 [null, null]
@@ -175,6 +177,7 @@ def test_an_sd3_folder_saved_without_t5_loads_without_it(sd3_pipe, tmp_path):
     assert (cond.prompt_embeds[:, -16:] == 0).all()  # zeros where T5's states would be, as diffusers does
 
 
+@pytest.mark.slow
 def test_fsdp_trains_a_full_flux_transformer_and_refuses_sd3(tiny_flux_path, tiny_sd3_path, pairs_dir,  # noqa: F811
                                                               tmp_path):
     from diffusers import FluxTransformer2DModel

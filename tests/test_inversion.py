@@ -14,17 +14,8 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDPMScheduler, EulerDiscreteScheduler
 
-from inversion import (
-    Conditioning,
-    InversionSchedule,
-    PromptEncoder,
-    invert,
-    ddim_step,
-    forward_noise,
-    guided_noise_prediction,
-    predict_on_trajectory,
-    sdxl_time_ids,
-)
+from inversion import InversionSchedule, ddim_step, forward_noise, invert, predict_on_trajectory
+from models import Conditioning, PromptEncoder, guided_noise_prediction, sdxl_time_ids
 
 CAPTIONS = ["a red square", "a blue circle", "green"]
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMInverseScheduler
 
-from inversion import InversionSchedule, PromptEncoder, invert, forward_noise, predict_on_trajectory
+from inversion import InversionSchedule, invert, forward_noise, predict_on_trajectory
+from models import PromptEncoder
 from losses import (
     reference_scale,
     relative_beta,

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import base_args, launch, pairs_dir  # noqa: F401  (pairs_dir is a fixture)
@@ -23,6 +24,7 @@ def checkpoint_weights(folder):
     return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_stop_the_run_under_ddp_and_resume_from_the_last_good_checkpoint(tiny_sdxl_path, pairs_dir,
                                                                                       tmp_path):
     out = tmp_path / "run"

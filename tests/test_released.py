@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from test_losses import perturbed
 
-from inversion import InversionSchedule, PromptEncoder
+from inversion import InversionSchedule
+from models import PromptEncoder
 from losses import timestep_weights
-from train_inversion_dpo import Reference, invert_pairs, inversion_scheduler_config, parse_args, trajectory_loss
+from training import Reference, invert_pairs, inversion_scheduler_config, trajectory_loss
+from train_inversion_dpo import parse_args
 
 N, BETA, G = 10, 500.0, 2.0
 CAPTIONS = ["a red square", "a blue circle"]

@@ -86,6 +86,7 @@ def one_process_full(tiny_sdxl_path, pairs_dir, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_fsdp_full_fine_tune_matches_one_process_and_resumes_exactly(tiny_sdxl_path, pairs_dir, tmp_path,
                                                                       one_process_full):
     from diffusers import UNet2DConditionModel
@@ -113,6 +114,7 @@ def test_fsdp_full_fine_tune_matches_one_process_and_resumes_exactly(tiny_sdxl_p
     assert_close(unet_weights(resumed), sharded, atol=0)
 
 
+@pytest.mark.slow
 def test_fsdp_lora_matches_one_process_saves_loadable_weights_and_validates(tiny_sdxl_path, pairs_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -135,6 +137,7 @@ def test_fsdp_lora_matches_one_process_saves_loadable_weights_and_validates(tiny
     StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path).load_lora_weights(str(fsdp))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_deepspeed_zero2_full_fine_tune_matches_one_process(tiny_sdxl_path, pairs_dir, tmp_path, one_process_full):
     from diffusers import UNet2DConditionModel

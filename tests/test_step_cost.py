@@ -10,8 +10,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from inversion import InversionSchedule, PromptEncoder, training_alphas
-from train_inversion_dpo import Reference, parse_args, step_weights, training_step
+from inversion import InversionSchedule, training_alphas
+from models import PromptEncoder
+from training import Reference, step_weights, training_step
+from train_inversion_dpo import parse_args
 from trajectory_cache import TrajectoryCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -91,6 +91,7 @@ def test_demo_refuses_an_unwritable_output_location(tmp_path):
     assert f"cannot write to {blocker / 'demo'}; set DEMO_DIR to a writable folder" in result.stderr
 
 
+@pytest.mark.slow
 def test_alignment_study_quick_run_writes_its_outputs(tmp_path):
     # one inversion form and the baseline: the smoke run is about the script (every form trains in test_train.py)
     results = tmp_path / "results"
@@ -127,6 +128,7 @@ def test_alignment_study_quick_run_writes_its_outputs(tmp_path):
     assert started and {p: p.stat().st_mtime for p in (tmp_path / "work" / "runs").glob("*/record.json")} == started
 
 
+@pytest.mark.slow
 def test_flow_alignment_quick_run_writes_its_outputs(tmp_path):
     # the rectified-flow study's smoke run: an SD3-shaped toy trained by flow matching, both forms for and against
     results = tmp_path / "results"

@@ -179,7 +179,7 @@ def test_init_perturbation_breaks_the_paper_forms_tie(tiny_sdxl_path, pairs_dir,
 
 
 def test_perturb_adds_noise_scaled_by_each_tensors_rms():
-    from train_inversion_dpo import perturb
+    from training import perturb
 
     weights = [torch.randn(30, 20) * 3, torch.zeros(5, 4)]
     originals = [w.clone() for w in weights]
@@ -190,6 +190,7 @@ def test_perturb_adds_noise_scaled_by_each_tensors_rms():
     torch.testing.assert_close(weights[1], 1e-3 * noise[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_compiled_run_trains_exactly_like_the_plain_one(tiny_sdxl_path, pairs_dir, tmp_path, lora):
     # The eager backend traces the policy and the reference (full: a separate compiled UNet; LoRA: the same module
@@ -225,6 +226,7 @@ def test_sd1_model_trains_through_the_same_code(tiny_sd_path, pairs_dir, tmp_pat
     StableDiffusionPipeline.from_pretrained(str(tmp_path))  # --save_pipeline wrote a whole pipeline
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tiny_sdxl_path, pairs_dir, tmp_path):
     # diffusion_dpo draws noise and timesteps, random crops and flips draw too: resume must restore every RNG and
     # the data position (step 3 of 4 per epoch, then across the epoch boundary).
@@ -255,6 +257,7 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tiny_sdxl_pa
     assert steps[-3:] == [4, 5, 6]
 
 
+@pytest.mark.slow
 def test_the_anchored_forms_default_beta_scales_with_kappa_and_is_kept_on_resume(tiny_sdxl_path, pairs_dir, tmp_path):
     def args(output, kappa, steps, *extra):
         flags = base_args(tiny_sdxl_path, pairs_dir, output, "--loss_type", "inversion_dpo_x0", "--relative_beta",
@@ -293,6 +296,7 @@ def test_other_anchor_points_train_and_refuse_a_cache(tiny_sdxl_path, pairs_dir,
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_each_row_counts_the_steps_model_flops_and_its_mfu_without_recomputation(tiny_sdxl_path, pairs_dir, tmp_path):
     # model FLOPs leave out the forward passes that gradient checkpointing recomputes: the same with and without it
     runs = {}
@@ -325,6 +329,7 @@ def expected_peak(stdout):
     return float(value) * (1024 if unit == "GiB" else 1), "(fits)" in line
 
 
+@pytest.mark.slow
 def test_memory_budget_prints_the_parts_and_exits_and_auto_takes_the_largest_chunk_that_fits(
         tiny_sdxl_path, pairs_dir, tmp_path):
     budget = ["--num_inference_steps", "6", "--memory_budget"]
@@ -350,6 +355,7 @@ def test_memory_budget_prints_the_parts_and_exits_and_auto_takes_the_largest_chu
     assert "--use_lora" in over.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sdxl_path, pairs_dir, tmp_path):
     # Adam's normalised update turns gradient elements at rounding level into full +-lr steps whose sign depends on
     # how the batch was split; a large epsilon makes the update proportional to the gradient, so the comparison
@@ -376,6 +382,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sdxl_pa
     assert read_metrics(one)[0]["grad_norm"] == pytest.approx(read_metrics(two)[0]["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_filled_float32_cache_trains_exactly_like_no_cache(tiny_sdxl_path, pairs_dir, tmp_path):
     args = ["--loss_type", "inversion_dpo_exact", "--learning_rate", "1e-4"]
     cache = ["--inversion_cache_dir", str(tmp_path / "cache"), "--inversion_cache_dtype", "float32"]
@@ -484,11 +491,12 @@ def test_missing_dataset_flag_is_named(capsys):
 
 def test_out_of_memory_names_the_flags_that_reduce_memory(tiny_sdxl_path, pairs_dir, tmp_path, monkeypatch):
     import train_inversion_dpo
+    import training
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(train_inversion_dpo, "policy_errors", out_of_memory)  # in the loss pass
+    monkeypatch.setattr(training, "policy_errors", out_of_memory)  # in the loss pass
     args = train_inversion_dpo.parse_args(base_args(tiny_sdxl_path, pairs_dir, tmp_path))
     with pytest.raises(SystemExit) as error:
         train_inversion_dpo.main(args)

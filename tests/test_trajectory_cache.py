@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from inversion import InversionSchedule, PromptEncoder, Trajectory, invert, predict_on_trajectory
+from inversion import InversionSchedule, Trajectory, invert, predict_on_trajectory
+from models import PromptEncoder
 from losses import squared_error
 from trajectory_cache import REFERENCE_TARGETS, TrajectoryCache, weights_fingerprint
 
