@@ -421,7 +421,9 @@ def standardised_trajectory(trajectory):
     targets of the new points are the standardised eps^_i (DDIM) and eps^_i - x_0 (flows). Candidate for the anchored
     form (--anchor_points standardised); the step noise and stored reference terms no longer belong to these points
     and are dropped. float32."""
-    schedule, points = trajectory.schedule, trajectory.latents.float()
+    # contiguous: a reduction's rounding follows the memory layout, and an inverted path and the same path rebuilt
+    # from the cache's noise are laid out differently
+    schedule, points = trajectory.schedule, trajectory.latents.float().contiguous()
     flow = isinstance(schedule, FlowSchedule)
     x0 = points[:, :1]
     shape = (1, -1, *([1] * (points.ndim - 2)))

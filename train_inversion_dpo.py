@@ -141,9 +141,10 @@ def build_parser():
     inversion.add_argument("--anchor_points", choices=["inversion", "noised", "standardised"], default="inversion",
                            help="Where the anchored form takes its errors: inversion (the method: the reference's DDIM "
                                 "inversion path) or noised (a diagnostic: fresh forward noisings of x_0 at the same N "
-                                "levels, the points Diffusion-DPO trains at; no inversion, no cache) or standardised (a "
-                                "candidate: the inversion path with each point's noise standardised per channel, "
-                                "inversion.standardised_trajectory; no cache). Comparing them separates the inversion "
+                                "levels, the points Diffusion-DPO trains at; no inversion, no cache) or standardised "
+                                "(the inversion path with each point's noise standardised per image, step and "
+                                "channel, inversion.standardised_trajectory; cached like the path). Comparing them "
+                                "separates the inversion "
                                 "path from the rest of the loss (docs/study.md, 'Settings that transfer').")
     inversion.add_argument("--inversion_cache_dir", default=None,
                            help="Keep what a step needs that does not depend on the policy here, and reuse it across "
@@ -387,7 +388,7 @@ def validate_args(parser, args):
         parser.error("--peak_tflops must be positive (the card's dense bf16 peak in TFLOP/s)")
     if args.anchor_points != "inversion" and args.loss_type != "inversion_dpo_x0":
         parser.error(f"--anchor_points {args.anchor_points} applies to --loss_type inversion_dpo_x0 only")
-    if args.anchor_points != "inversion" and args.inversion_cache_dir:
+    if args.anchor_points == "noised" and args.inversion_cache_dir:
         parser.error(f"--anchor_points {args.anchor_points} computes its points and reference terms every step: "
                      "drop --inversion_cache_dir")
     if args.use_lora:
@@ -420,6 +421,8 @@ def make_cache(args, models, inversion_config, schedule, weight_dtype, vae_dtype
                     zero_unconditional=kind == "sdxl")
     if kind in FLOW_KINDS:
         settings.update(kind=kind, sigmas=schedule.sigmas.tolist())
+    if args.anchor_points != "inversion":  # the reference's errors are taken at other points (the plain key unchanged)
+        settings.update(anchor_points=args.anchor_points)
     return TrajectoryCache(args.inversion_cache_dir, weights_fingerprint(models["denoiser"], weight_dtype), settings,
                            args.inversion_cache_dtype, encoders)
 

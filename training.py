@@ -294,7 +294,13 @@ def encode_pairs(args, accelerator, prompt_encoder, vae, batch, cache, keys):
 
 def invert_pairs(args, reference, latents, cond, uncond, schedule, cache=None, keys=None):
     """Trajectories of `latents` under the reference, with the reference's errors for the exact and anchored forms:
-    read from the cache (`keys`: each image's encoding key) when it holds them, else computed."""
+    read from the cache (`keys`: each image's encoding key) when it holds them, else computed. With --anchor_points
+    standardised the path is moved onto the sampler's statistics (`standardised_trajectory`) and the reference's
+    errors are taken there; the cache stores the inversion and those errors (its key names the setting)."""
+    standardise = getattr(args, "anchor_points", "inversion") == "standardised"
+
+    def points(trajectories):
+        return standardised_trajectory(trajectories) if standardise else trajectories
 
     def invert_rows(rows):
         with reference.context():
@@ -302,7 +308,7 @@ def invert_pairs(args, reference, latents, cond, uncond, schedule, cache=None, k
                           None if uncond is None else uncond.select(rows), schedule, args.inversion_guidance_scale)
 
     def errors_of(trajectories, rows):
-        return reference_errors(args, reference, trajectories, cond.select(rows),
+        return reference_errors(args, reference, points(trajectories), cond.select(rows),
                                 None if uncond is None else uncond.select(rows))
 
     errors = errors_of if args.loss_type in AT_END_FORMS else None
@@ -310,8 +316,11 @@ def invert_pairs(args, reference, latents, cond, uncond, schedule, cache=None, k
         trajectories = invert_rows(slice(None))
         if errors:
             trajectories.reference_errors = errors(trajectories, slice(None))
-        return trajectories
-    return cache.trajectories(keys, latents, schedule, invert_rows, errors)
+    else:
+        trajectories = cache.trajectories(keys, latents, schedule, invert_rows, errors)
+    if standardise:
+        trajectories = replace(points(trajectories), reference_errors=trajectories.reference_errors)
+    return trajectories
 
 
 def training_step(args, accelerator, model, reference, prompt_encoder, vae, batch, schedule, weights, train_levels,
@@ -332,12 +341,7 @@ def training_step(args, accelerator, model, reference, prompt_encoder, vae, batc
         noise = torch.randn((len(latents), schedule.num_steps, *latents.shape[1:]), generator=generator)
         trajectories = noised_trajectory(latents, noise.to(latents.device), schedule)
         trajectories.reference_errors = reference_errors(args, reference, trajectories, cond, uncond)
-    elif args.anchor_points == "standardised":  # the candidate: the inversion path, standardised per channel
-        with torch.no_grad(), reference.context():
-            inverted = invert(reference.model, latents, cond, uncond, schedule, args.inversion_guidance_scale)
-        trajectories = standardised_trajectory(inverted)
-        trajectories.reference_errors = reference_errors(args, reference, trajectories, cond, uncond)
-    else:
+    else:  # the inversion path (standardised or not: invert_pairs)
         with phase("inversion" if cache is None else "cache read"):  # a cache miss inverts inside the read
             trajectories = invert_pairs(args, reference, latents, cond, uncond, schedule, cache, keys)
     return trajectory_loss(args, accelerator, model, trajectories, cond, uncond, weights, generator)

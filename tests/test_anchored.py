@@ -182,3 +182,22 @@ def test_saturation_is_the_fraction_of_pairs_past_the_margin():
     assert SATURATION_MARGIN == 5.0
     assert output.metrics["saturated"].item() == 0.5
     assert output.metrics["margin"].item() == pytest.approx((0 - 4 + 6 - 10) / 4)
+
+
+def test_standardised_points_are_the_inversion_standardised_with_the_references_errors_there(sdxl_pipe, pairs):
+    from inversion import invert, standardised_trajectory
+    from training import reference_errors
+
+    args = trainer_args("--anchor_points", "standardised")
+    reference = Reference(load=lambda: sdxl_pipe.unet)
+    cond, uncond, latents = pairs["cond"], pairs["uncond"], pairs["latents"]
+    got = invert_pairs(args, reference, latents, cond, uncond, pairs["schedule"])
+    # computed independently: the plain inversion, standardised, and the reference's errors at those points
+    expected = standardised_trajectory(invert(sdxl_pipe.unet, latents, cond, uncond, pairs["schedule"], G))
+    assert torch.equal(got.latents, expected.latents)
+    errors = reference_errors(args, reference, expected, cond, uncond)
+    assert torch.equal(got.reference_errors["anchored"], errors["anchored"])
+    plain = invert_pairs(trainer_args(), reference, latents, cond, uncond, pairs["schedule"])
+    assert not torch.allclose(plain.latents[:, 1:], got.latents[:, 1:])  # the points did move
+    assert torch.equal(plain.latents[:, 0], got.latents[:, 0])  # x_0 did not
+

@@ -315,8 +315,13 @@ def test_standardised_trajectory_rebuilds_each_point_from_its_noise_standardised
         assert torch.equal(out.latents[:, 0], x0)
         for i in range(3):
             torch.testing.assert_close(out.latents[:, i + 1], rebuild(i, expected[:, i]), atol=1e-5, rtol=0)
-    # the anchored targets are the standardised noise (DDIM) and it minus x_0 (flows)
+    # the same values in another memory layout (as an inverted path has) give the same bits
     ddim = standardised_trajectory(Trajectory(ddim_points, torch.zeros_like(z), ddim_schedule))
+    relaid = ddim_points.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    assert not relaid.is_contiguous()
+    assert torch.equal(standardised_trajectory(Trajectory(relaid, torch.zeros_like(z), ddim_schedule)).latents,
+                       ddim.latents)
+    # the anchored targets are the standardised noise (DDIM) and it minus x_0 (flows)
     torch.testing.assert_close(ddim.anchored_target(), expected, atol=1e-4, rtol=0)
     flow = standardised_trajectory(Trajectory(flow_points, torch.zeros_like(z), flow_schedule))
     torch.testing.assert_close(flow.anchored_target(), expected - x0.unsqueeze(1), atol=1e-4, rtol=0)

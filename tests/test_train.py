@@ -281,10 +281,10 @@ def test_the_anchored_forms_default_beta_scales_with_kappa_and_is_kept_on_resume
     assert read_metrics(tmp_path / "c")[0]["beta"] == 50.0
 
 
-@pytest.mark.parametrize("points", ["noised", "standardised"])
-def test_other_anchor_points_train_and_refuse_a_cache(tiny_sdxl_path, pairs_dir, tmp_path, capsys, points):
+def test_noised_anchor_points_train_and_refuse_a_cache(tiny_sdxl_path, pairs_dir, tmp_path, capsys):
     from train_inversion_dpo import parse_args
 
+    points = "noised"
     launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path, "--anchor_points", points))
     assert changed(unet_weights(tiny_sdxl_path), unet_weights(tmp_path))
     assert all(row["loss"] > 0 for row in read_metrics(tmp_path))
@@ -383,8 +383,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sdxl_pa
 
 
 @pytest.mark.slow
-def test_filled_float32_cache_trains_exactly_like_no_cache(tiny_sdxl_path, pairs_dir, tmp_path):
-    args = ["--loss_type", "inversion_dpo_exact", "--learning_rate", "1e-4"]
+@pytest.mark.parametrize("points", ["inversion", "standardised"])
+def test_filled_float32_cache_trains_exactly_like_no_cache(tiny_sdxl_path, pairs_dir, tmp_path, points):
+    args = ["--loss_type", "inversion_dpo_exact" if points == "inversion" else "inversion_dpo_x0", "--learning_rate",
+            "1e-4", "--anchor_points", points]
     cache = ["--inversion_cache_dir", str(tmp_path / "cache"), "--inversion_cache_dtype", "float32"]
     uncached_run = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "uncached", *args))
     assert "loading the reference UNet" in uncached_run.stderr
