@@ -138,14 +138,15 @@ def build_parser():
                            help="Classifier-free guidance of the reference's inversion (and, unless "
                                 "--loss_guidance_scale says otherwise, of the loss's predictions); 1 runs the "
                                 "conditional branch only (half the compute).")
-    inversion.add_argument("--anchor_points", choices=["inversion", "noised", "standardised"], default="inversion",
-                           help="Where the anchored form takes its errors: inversion (the method: the reference's DDIM "
-                                "inversion path) or noised (a diagnostic: fresh forward noisings of x_0 at the same N "
-                                "levels, the points Diffusion-DPO trains at; no inversion, no cache) or standardised "
-                                "(the inversion path with each point's noise standardised per image, step and "
-                                "channel, inversion.standardised_trajectory; cached like the path). Comparing them "
-                                "separates the inversion "
-                                "path from the rest of the loss (docs/study.md, 'Settings that transfer').")
+    inversion.add_argument("--anchor_points", choices=["inversion", "standardised", "noised"], default=None,
+                           help="Where the anchored form (inversion_dpo_x0) takes its errors. standardised (its "
+                                "default): the reference's inversion path with each point's noise relative to x_0 "
+                                "standardised per image, step and channel (inversion.standardised_trajectory), so "
+                                "that the points have the statistics of the sampler's noise; on the toy properties "
+                                "held out from every choice it never moved the model against the preference, where "
+                                "the plain path did (docs/study.md, 'Settings that transfer'). inversion: the plain "
+                                "path, as the paper. noised: a diagnostic, fresh forward noisings of x_0 at the same N "
+                                "levels (no inversion, no cache). The other forms take the plain path.")
     inversion.add_argument("--inversion_cache_dir", default=None,
                            help="Keep what a step needs that does not depend on the policy here, and reuse it across "
                                 "epochs, runs and sweeps: each image's latent and caption conditioning (keyed by its "
@@ -386,8 +387,10 @@ def validate_args(parser, args):
         parser.error("--memory_limit_gib must be positive")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         parser.error("--peak_tflops must be positive (the card's dense bf16 peak in TFLOP/s)")
-    if args.anchor_points != "inversion" and args.loss_type != "inversion_dpo_x0":
+    if args.anchor_points not in (None, "inversion") and args.loss_type != "inversion_dpo_x0":
         parser.error(f"--anchor_points {args.anchor_points} applies to --loss_type inversion_dpo_x0 only")
+    if args.anchor_points is None:  # the anchored form's default; the other forms use the plain path
+        args.anchor_points = "standardised" if args.loss_type == "inversion_dpo_x0" else "inversion"
     if args.anchor_points == "noised" and args.inversion_cache_dir:
         parser.error(f"--anchor_points {args.anchor_points} computes its points and reference terms every step: "
                      "drop --inversion_cache_dir")

@@ -39,6 +39,8 @@ from alignment import RESULTS, fmt, interval, plot_effect, run_trainer  # noqa: 
 
 GRID = {"inversion_dpo_x0": (5.0, 50.0, 500.0), "diffusion_dpo": (50.0, 500.0, 5000.0)}
 RULE = "inversion_dpo_x0_rule"  # the anchored form at the trainer's default beta rule (--relative_beta), untuned
+# the same at the inversion path standardised per channel (--anchor_points standardised), untuned
+STANDARDISED = "inversion_dpo_x0_standardised"
 LEARNING_RATE = 1e-4
 VALIDATION_SEED, REPORT_SEED = 1, 0
 
@@ -88,6 +90,8 @@ class FlowStudy:
                 flags += ["--beta_dpo", str(spec["beta"])]
             if spec["loss"] != "diffusion_dpo":
                 flags += ["--inversion_cache_dir", str(self.work / "cache"), "--inversion_cache_dtype", "float32"]
+            if spec.get("anchor_points"):
+                flags += ["--anchor_points", spec["anchor_points"]]
             self.trainer(flags)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         result = subprocess.run([sys.executable, __file__, "--measure", str(run_dir), "--samples", str(self.samples),
@@ -109,7 +113,8 @@ class FlowStudy:
 
 def name_of(spec):
     beta = "rule" if spec["beta"] is None else f"{spec['beta']:g}"
-    return f"{spec['loss']}-b{beta}-s{spec['seed']}-{spec['direction']}"
+    points = f"-{spec['anchor_points']}" if spec.get("anchor_points") else ""
+    return f"{spec['loss']}-b{beta}{points}-s{spec['seed']}-{spec['direction']}"
 
 
 def measure(run_dir, samples, work):
@@ -141,7 +146,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smoke run: rough toy, one seed, a few steps")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (each one CPU thread)")
     parser.add_argument("--results_dir", default=str(RESULTS))
-    parser.add_argument("--forms", nargs="+", choices=[*GRID, RULE], default=None,
+    parser.add_argument("--forms", nargs="+", choices=[*GRID, RULE, STANDARDISED], default=None,
                         help="run these rows only (written to flow_alignment_FORMS.*)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=int, default=256, help=argparse.SUPPRESS)
@@ -157,9 +162,13 @@ def main():
             "heldout_loss": toy_task.heldout_denoising_loss(base_pipe)}
     chosen, rows = {}, {}
     forms = {**study.grid, RULE: None}
+    if args.forms and STANDARDISED in args.forms:  # a candidate, run only when asked for
+        forms[STANDARDISED] = None
     for form, betas in ((f, b) for f, b in forms.items() if args.forms is None or f in args.forms):
         if betas is None:  # the anchored form's default rule: no grid, nothing chosen
             chosen[form], scored = {"loss": "inversion_dpo_x0", "beta": None, "seed": 0}, []
+            if form == STANDARDISED:
+                chosen[form]["anchor_points"] = "standardised"
             records = {}
         else:
             betas, extended = list(betas), set()

@@ -51,14 +51,14 @@ DEVELOPMENT = ("position", "colour")
 # Every form at the settings the project recommends (docs/study.md, "Choosing a loss"), untuned here. `beta` "rule": the
 # trainer's default for the anchored form (--beta_dpo unset).
 RECOMMENDED = [
-    {"name": "inversion_dpo_x0, default rule, 1 stratified loss step per pair", "loss": "inversion_dpo_x0",
+    {"name": "inversion_dpo_x0, plain inversion path, rule, 1 stratified loss step per pair (the default before)", "loss": "inversion_dpo_x0",
      "weighting": "official", "beta": "rule", "lr": 1e-4, "loss_timesteps": 1, "sampling": "stratified"},
     {"name": "inversion_dpo_x0, beta 50, 1 stratified loss step per pair (the previous default)",
      "loss": "inversion_dpo_x0", "weighting": "official", "beta": 50, "lr": 1e-4, "loss_timesteps": 1,
      "sampling": "stratified"},
     {"name": "inversion_dpo_x0, beta 50, every step", "loss": "inversion_dpo_x0", "weighting": "official",
      "beta": 50, "lr": 1e-4},
-    {"name": "inversion_dpo_x0, standardised points, rule, 1 stratified loss step per pair (candidate)",
+    {"name": "inversion_dpo_x0, standardised points, rule, 1 stratified loss step per pair (the default now)",
      "loss": "inversion_dpo_x0", "weighting": "official", "beta": "rule", "lr": 1e-4, "loss_timesteps": 1,
      "sampling": "stratified", "anchor_points": "standardised"},
     {"name": "diffusion_dpo, beta 500", "loss": "diffusion_dpo", "weighting": "-", "beta": 500, "lr": 1e-4},
@@ -72,7 +72,7 @@ RECOMMENDED = [
 # weights) but at fresh forward noisings of x_0 at the inversion's levels instead of the inversion path
 # (--anchor_points noised): does the wrong way come from the inversion path, or from the rest of the loss?
 DIAGNOSTIC = [
-    {"name": "inversion_dpo_x0, default rule, 1 stratified loss step per pair, at forward noisings (diagnostic)",
+    {"name": "inversion_dpo_x0, plain inversion path, rule, 1 stratified loss step per pair (the default before), at forward noisings (diagnostic)",
      "loss": "inversion_dpo_x0", "weighting": "official", "beta": "rule", "lr": 1e-4, "loss_timesteps": 1,
      "sampling": "stratified", "anchor_points": "noised"},
 ]

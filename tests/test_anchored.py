@@ -197,7 +197,8 @@ def test_standardised_points_are_the_inversion_standardised_with_the_references_
     assert torch.equal(got.latents, expected.latents)
     errors = reference_errors(args, reference, expected, cond, uncond)
     assert torch.equal(got.reference_errors["anchored"], errors["anchored"])
-    plain = invert_pairs(trainer_args(), reference, latents, cond, uncond, pairs["schedule"])
+    plain = invert_pairs(trainer_args("--anchor_points", "inversion"), reference, latents, cond, uncond,
+                         pairs["schedule"])
     assert not torch.allclose(plain.latents[:, 1:], got.latents[:, 1:])  # the points did move
     assert torch.equal(plain.latents[:, 0], got.latents[:, 0])  # x_0 did not
 
