@@ -127,10 +127,12 @@ class PhaseLog:
     def cuda(self):
         return self.device is not None and self.device.type == "cuda"
 
-    def peaks(self):
-        """The largest allocated and reserved bytes since the step began, across the phases' resets."""
-        return (max(self.folded[0], torch.cuda.max_memory_allocated(self.device)),
-                max(self.folded[1], torch.cuda.max_memory_reserved(self.device)))
+    def peaks(self, device=None):
+        """The largest allocated and reserved bytes since the step began, across the phases' resets (on `device`,
+        default the log's)."""
+        device = device or self.device
+        return (max(self.folded[0], torch.cuda.max_memory_allocated(device)),
+                max(self.folded[1], torch.cuda.max_memory_reserved(device)))
 
     @contextlib.contextmanager
     def phase(self, name):
@@ -218,8 +220,7 @@ class StepMeter:
                "mfu": flops / seconds / (self.peak * 1e12) if known else None,
                "peak_memory_allocated_gib": None, "peak_memory_reserved_gib": None}
         if self.cuda:
-            allocated = max(self.phases.folded[0], torch.cuda.max_memory_allocated(self.device))
-            reserved = max(self.phases.folded[1], torch.cuda.max_memory_reserved(self.device))
+            allocated, reserved = self.phases.peaks(self.device)
             row["peak_memory_allocated_gib"], row["peak_memory_reserved_gib"] = allocated / GIB, reserved / GIB
         return row
 

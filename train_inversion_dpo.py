@@ -164,13 +164,9 @@ def build_parser():
     loss = parser.add_argument_group("loss (see losses.py)")
     loss.add_argument("--loss_type", default="inversion_dpo_x0", choices=losses.LOSS_TYPES,
                       help="inversion_dpo_x0 (default): the anchored form (the denoising error toward x_0's "
-                           "noise, at the inversion's points); the one inversion form whose preference effect held "
-                           "on every seed of the colour task in the project's alignment study (README, 'Choosing a "
-                           "loss'; on its caption-decided task it had the largest mean effect, positive on every seed, but "
-                           "with an interval that includes 0, as every DPO form's did, Diffusion-DPO's too); on "
-                           "the toy properties held out from every choice (background, object count) it moved the "
-                           "model against the preference, where diffusion_dpo followed it (README, 'Settings that "
-                           "transfer'). "
+                           "noise, at the inversion's points, standardised by default: --anchor_points); the best "
+                           "inversion form in the project's toy studies, never against the preference there, but "
+                           "below diffusion_dpo on every property (docs/study.md, 'Settings that transfer'). "
                            "inversion_dpo: the paper's loss; it has no gradient until something breaks the "
                            "policy/reference tie, and its effect changed with the training seed there. "
                            "inversion_dpo_official: the released code's sign (opposite to the paper; for "
@@ -184,15 +180,15 @@ def build_parser():
                            "reference's own step-weighted error on the first batch's trajectories (mean over every "
                            "process's images of (1/N) sum_i w_i E_i(ref)), measured once, logged, and kept on "
                            "resume. Beta in units of the model's own error, so that one value can carry over between "
-                           "models, resolutions, N and weightings, where an absolute beta does not (README, "
+                           "models, resolutions, N and weightings, where an absolute beta does not (docs/study.md, "
                            "'Settings that transfer'). Ignored when --beta_dpo is given.")
     loss.add_argument("--timestep_weighting", default="official", choices=losses.WEIGHTINGS,
                       help="official: w_i = 1/(2 a(tau_i)); uniform: w_i = 1.")
     loss.add_argument("--loss_timesteps", type=int, default=None,
                       help="Evaluate the policy at M of the N steps per pair and update, drawn by "
                            "--loss_timestep_sampling (default: all N). Each draw's estimate of S is unbiased; the "
-                           "loss of that estimate is not an unbiased estimate of the loss (README, 'What a step "
-                           "costs').")
+                           "loss of that estimate is not an unbiased estimate of the loss "
+                           "(docs/speed_and_memory.md, 'What a step costs').")
     loss.add_argument("--loss_timestep_sampling", default=None, choices=losses.LOSS_STEP_SAMPLINGS,
                       help="How --loss_timesteps draws its M steps (the same for a pair's winner and loser): "
                            "stratified (the default: one step from each of M consecutive blocks of the schedule, "

@@ -297,7 +297,7 @@ def invert_pairs(args, reference, latents, cond, uncond, schedule, cache=None, k
     read from the cache (`keys`: each image's encoding key) when it holds them, else computed. With --anchor_points
     standardised the path is moved onto the sampler's statistics (`standardised_trajectory`) and the reference's
     errors are taken there; the cache stores the inversion and those errors (its key names the setting)."""
-    standardise = getattr(args, "anchor_points", "inversion") == "standardised"
+    standardise = args.anchor_points == "standardised"
 
     def points(trajectories):
         return standardised_trajectory(trajectories) if standardise else trajectories
