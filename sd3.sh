@@ -14,6 +14,10 @@ MODEL_NAME="${MODEL_NAME-stabilityai/stable-diffusion-3.5-medium}"
 # Reported unavailable on the hub since 2025: see docs/data.md, "Preference data", for mirrors and local copies.
 DATASET_NAME="${DATASET_NAME-yuvalkirstain/pickapic_v2}"
 OUTPUT_DIR="${OUTPUT_DIR-tmp-sd3}"
+# Rerunning the recipe resumes the run in OUTPUT_DIR from its newest intact checkpoint (a preempted job restarts
+# where it stopped; a changed setting that defines the run stops it, naming the change). A new run: another
+# OUTPUT_DIR, or RESUME= (empty) with --overwrite_output_dir.
+RESUME="${RESUME-latest}"
 MIXED_PRECISION="${MIXED_PRECISION-bf16}"
 RESOLUTION="${RESOLUTION-1024}"
 NUM_INFERENCE_STEPS="${NUM_INFERENCE_STEPS-28}"
@@ -49,6 +53,7 @@ accelerate launch --mixed_precision "$MIXED_PRECISION" $ACCELERATE_ARGS train_in
   --pretrained_model_name_or_path "$MODEL_NAME" \
   --dataset_name "$DATASET_NAME" \
   --output_dir "$OUTPUT_DIR" \
+  ${RESUME:+--resume_from_checkpoint "$RESUME"} \
   --mixed_precision "$MIXED_PRECISION" \
   --resolution "$RESOLUTION" \
   --num_inference_steps "$NUM_INFERENCE_STEPS" \

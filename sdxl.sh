@@ -5,9 +5,9 @@
 # Change any value through its environment variable, or append flags (they come last, so they win):
 #   DATASET_NAME=/data/pickapic_v2 OUTPUT_DIR=runs/paper bash sdxl.sh --loss_type inversion_dpo
 # The loss is the trainer's default, the anchored form (inversion_dpo_x0): the inversion form whose preference effect
-# held on every seed of the colour toy (docs/study.md, "Choosing a loss"); on the toy properties held out from every choice
-# (background, object count) it moved the model against the preference, where --loss_type diffusion_dpo followed it
-# (docs/study.md, "Settings that transfer"). The released run's loss:
+# held on every seed of the colour toy (docs/study.md, "Choosing a loss"), at its default points (the inversion path
+# standardised per channel) never the wrong way on the six toy properties and the flow toy, but below
+# --loss_type diffusion_dpo on each of them (README, "Choosing a loss"). The released run's loss:
 #   LOSS_TIMESTEPS= bash sdxl.sh --loss_type inversion_dpo_official --inversion_steps_offset 0   (paper sign: inversion_dpo)
 # LEARNING_RATE is the released one; beta follows the reference's error scale (BETA_DPO below).
 # The released launcher's flags (--sdxl, --variant, --cache_dir, --cache_dir_model, --dataloader_num_workers) are
@@ -22,6 +22,10 @@ VARIANT="${VARIANT-fp16}"
 # Reported unavailable on the hub since 2025: see docs/data.md, "Preference data", for mirrors and local copies.
 DATASET_NAME="${DATASET_NAME-yuvalkirstain/pickapic_v2}"
 OUTPUT_DIR="${OUTPUT_DIR-tmp-sdxl}"
+# Rerunning the recipe resumes the run in OUTPUT_DIR from its newest intact checkpoint (a preempted job restarts
+# where it stopped; a changed setting that defines the run stops it, naming the change). A new run: another
+# OUTPUT_DIR, or RESUME= (empty) with --overwrite_output_dir.
+RESUME="${RESUME-latest}"
 MIXED_PRECISION="${MIXED_PRECISION-bf16}"
 RESOLUTION="${RESOLUTION-1024}"
 NUM_INFERENCE_STEPS="${NUM_INFERENCE_STEPS-80}"
@@ -48,6 +52,7 @@ accelerate launch --mixed_precision "$MIXED_PRECISION" $ACCELERATE_ARGS train_in
   ${VARIANT:+--variant "$VARIANT"} \
   --dataset_name "$DATASET_NAME" \
   --output_dir "$OUTPUT_DIR" \
+  ${RESUME:+--resume_from_checkpoint "$RESUME"} \
   --mixed_precision "$MIXED_PRECISION" \
   --resolution "$RESOLUTION" \
   --num_inference_steps "$NUM_INFERENCE_STEPS" \

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, fields
@@ -63,13 +62,12 @@ from training import (
     training_step,
 )
 import memory_budget
+import runs
 from step_meter import PHASES, FlopCount, StepMeter, StepProfile, peak_tflops, phase
 from trajectory_cache import TrajectoryCache, weights_fingerprint
 
 logger = logging.getLogger("train_inversion_dpo")
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a checkpoint without it is ignored on resume
 MEMORY_FLAGS = ("--train_batch_size (lower, with more --gradient_accumulation_steps)", "--trajectory_chunk_size",
                 "--gradient_checkpointing", "--use_lora", "--mixed_precision bf16", "--use_adafactor",
                 "--num_inference_steps")
@@ -275,7 +273,20 @@ def build_parser():
     output.add_argument("--output_dir", default="inversion-dpo-output", help="Where everything is written.")
     output.add_argument("--checkpointing_steps", type=int, default=500, help="Save checkpoint-N every this many steps.")
     output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many.")
-    output.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint-N folder, or "latest".')
+    output.add_argument("--resume_from_checkpoint", default=None,
+                        help='A checkpoint-N folder, or "latest" (the newest intact one in output_dir; none there: '
+                             'a new run). The checkpoint\'s files are checked against the sizes and hashes it '
+                             'recorded, and the settings that define the run against its own: a changed one stops '
+                             'the run before any model loads (see --allow_changed_settings). A run already at '
+                             '--max_train_steps trains nothing.')
+    output.add_argument("--allow_changed_settings", action="store_true",
+                        help="Resume although settings that define the run changed (each change is logged and "
+                             "recorded in run_history.jsonl). Without it, only these may change on resume: "
+                             + ", ".join(f"--{name}" for name in runs.RESUMABLE) + ".")
+    output.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Start a new run in an output_dir that holds another run: first removes what that run "
+                             "wrote (checkpoints, metrics, records, model, card, images, logs; nothing else). Without "
+                             "it such a folder stops the run, which says how to resume it.")
     output.add_argument("--save_pipeline", action="store_true", help="Also save the whole pipeline in output_dir.")
     output.add_argument("--push_to_hub", action="store_true",
                         help="Upload output_dir (the model, the LoRA file, the model card, metrics; not the "
@@ -390,6 +401,8 @@ def validate_args(parser, args):
     if args.anchor_points == "noised" and args.inversion_cache_dir:
         parser.error(f"--anchor_points {args.anchor_points} computes its points and reference terms every step: "
                      "drop --inversion_cache_dir")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir removes the run that --resume_from_checkpoint would resume: give one")
     if args.use_lora:
         args.rank = args.rank or 8
         args.lora_alpha = args.lora_alpha or args.rank
@@ -632,26 +645,15 @@ def stop_run(accelerator, message):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def completed_checkpoints(output_dir):
-    """checkpoint-N folders whose save finished, oldest first."""
-    found = []
-    for entry in Path(output_dir).glob("checkpoint-*"):
-        match = CHECKPOINT_PATTERN.match(entry.name)
-        if match and (entry / CHECKPOINT_COMPLETE).is_file():
-            found.append((int(match.group(1)), entry))
-        elif match:
-            logger.warning("ignoring %s: its save did not finish (no %s)", entry, CHECKPOINT_COMPLETE)
-    return [path for _, path in sorted(found)]
-
-
-def save_checkpoint(accelerator, args, global_step):
-    """Write checkpoint-N atomically: into a scratch folder, then renamed once complete."""
+def save_checkpoint(accelerator, args, global_step, settings):
+    """Write checkpoint-N atomically: into a scratch folder, then renamed once complete. Its record (written last)
+    holds the run's `settings` and each file's size and hash (runs.py)."""
     final = Path(args.output_dir) / f"checkpoint-{global_step}"
     scratch = Path(args.output_dir) / f".incomplete-checkpoint-{global_step}"
     if accelerator.is_main_process:
         shutil.rmtree(scratch, ignore_errors=True)
         if args.checkpoints_total_limit is not None:
-            existing = completed_checkpoints(args.output_dir)
+            existing = runs.checkpoints(args.output_dir)
             for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
                 logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old, args.checkpoints_total_limit)
                 shutil.rmtree(old)
@@ -659,7 +661,7 @@ def save_checkpoint(accelerator, args, global_step):
     accelerator.save_state(str(scratch))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (scratch / CHECKPOINT_COMPLETE).write_text(json.dumps({"global_step": global_step}))
+        runs.write_checkpoint_record(scratch, global_step, settings)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(scratch, final)
         logger.info("saved %s", final)
@@ -738,7 +740,8 @@ CARD = """---
 {usage}
 ```
 
-Trained with train_inversion_dpo.py; every flag of the run is in `training_config.json`, every step's metrics in
+Trained with train_inversion_dpo.py; the first start's flags are in `training_config.json`, every start (resumes
+included: settings, changes, code and library versions, device) in `run_history.jsonl`, every step's metrics in
 `metrics.jsonl`.
 """
 
@@ -951,37 +954,47 @@ class Run:
     reference: object = None
     nonfinite: object = None
     hub_repo: str = None
+    resume_from: Path = None  # the checkpoint to resume from (checked intact)
+    complete: int = None  # the step of a run already at or past --max_train_steps: nothing to train
+    settings: dict = None  # what defines the run (runs.run_settings), recorded in every checkpoint
+    start_number: int = None  # this start's number in run_history.jsonl, named by every metrics row
     global_step: int = 0
     first_epoch: int = 0
     resume_batches: int = 0
 
 
 def main(args):
-    # 1. Accelerator, logging, seed, the output folder.
+    # 1. Accelerator, logging, seed; the output folder: one run per folder, the checkpoint to resume from (checked
+    #    intact). A run already at --max_train_steps stops here, having written nothing.
     run = start(args)
+    if run.complete:
+        return end_processes(run.accelerator)
     # 2. Data first: a missing dataset fails before minutes of model loading.
     run.dataloader, run.bad_rows = load_data(args, run.accelerator)
-    # 3. Models: frozen encoders and the policy on the device, the schedule, the trajectory cache.
+    # 3. The settings that define the run against its checkpoint's (a change stops here, before any model loads);
+    #    this start appended to the run's history.
+    record_start(args, run)
+    # 4. Models: frozen encoders and the policy on the device, the schedule, the trajectory cache.
     place_models(args, run)
-    # 4. The memory budget, before the reference loads (--memory_budget prints it and stops here).
+    # 5. The memory budget, before the reference loads (--memory_budget prints it and stops here).
     if memory_check(args, run):
         return end_processes(run.accelerator)
-    # 5. Optimiser, learning-rate schedule, accelerate.
+    # 6. Optimiser, learning-rate schedule, accelerate.
     prepare_optimisation(args, run)
-    # 6. The reference, the hub repository, trackers (--fill_inversion_cache fills the cache and stops here).
+    # 7. The reference, the hub repository, trackers (--fill_inversion_cache fills the cache and stops here).
     if prepare_reference(args, run):
         return end_processes(run.accelerator)
-    # 7. Resume.
+    # 8. Resume: the checkpoint's state and the run's position.
     resume(args, run)
-    # 8. Train.
+    # 9. Train.
     train(args, run)
-    # 9. Save the result where the notebook and `from_pretrained` look for it, the model card, the upload.
+    # 10. Save the result where the notebook and `from_pretrained` look for it, the model card, the upload.
     save_outputs(args, run)
     end_processes(run.accelerator)
 
 
 def start(args):
-    """Step 1: the accelerator, logging, the seed, the output folder with the run's settings, the phase log."""
+    """Step 1: the accelerator, logging, the seed, the output folder (claimed for this run), the phase log."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
@@ -1000,10 +1013,17 @@ def start(args):
     for noisy in ("diffusers", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING if accelerator.is_main_process else logging.ERROR)
     set_seed(args.seed)
+    run = Run(accelerator, output_dir)
+    if not (args.memory_budget or args.fill_inversion_cache):  # these two train nothing and record nothing
+        run.resume_from, run.complete = on_main_process(accelerator, lambda: claim_output_dir(args))
+        if run.complete is not None:
+            logger.info("nothing to train: the run in %s is at step %d, and --max_train_steps is %d. Its model is in "
+                        "%s (and in its checkpoints); give a larger --max_train_steps to train on.", output_dir,
+                        run.complete, args.max_train_steps, output_dir)
+            return run
     if accelerator.is_main_process:
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / "training_config.json").write_text(json.dumps(vars(args), indent=2))
         except OSError as error:
             raise SystemExit(f"cannot write to --output_dir {output_dir}: {error}") from error
     if args.allow_tf32 and torch.cuda.is_available():
@@ -1011,7 +1031,57 @@ def start(args):
     # seconds and peak memory of the setup's phases and the first steps' (step_meter.PhaseLog)
     PHASES.open(accelerator.device, output_dir / "memory_phases.jsonl" if accelerator.is_main_process else None,
                 logger if accelerator.is_main_process else None)
-    return Run(accelerator, output_dir)
+    return run
+
+
+def on_main_process(accelerator, decide):
+    """`decide()` on the main process (a ValueError: the run stops with its message), its result on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None, None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [decide(), None]
+        except ValueError as error:
+            outcome = [None, str(error)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        end_processes(accelerator)
+        raise SystemExit(f"error: {outcome[1]}")
+    return outcome[0]
+
+
+def claim_output_dir(args):
+    """(the checkpoint to resume from or None, the run's step when it is at --max_train_steps already, else None).
+    One run per output folder: a new run into a folder holding another stops, unless --overwrite_output_dir, which
+    clears it first."""
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint:
+        ended = runs.ended_at(runs.read_history(output_dir))  # the run's end, past its last checkpoint maybe
+        if ended is not None and ended >= args.max_train_steps and args.resume_from_checkpoint == "latest":
+            return None, ended
+        path = runs.resume_checkpoint(output_dir, args.resume_from_checkpoint)
+        if path is None and ended is not None:
+            raise ValueError(f"the run in {output_dir} ended at step {ended} and kept no checkpoint to resume "
+                             "from (--checkpointing_steps above its steps): start it anew with "
+                             "--overwrite_output_dir, or choose another --output_dir")
+        if path is None:
+            logger.info("no checkpoint in %s: the run starts at step 0", output_dir)
+            return None, None
+        step = runs.checkpoint_step(path)
+        return path, step if step >= args.max_train_steps else None
+    held = runs.run_entries(output_dir)
+    if held and not args.overwrite_output_dir:
+        found = runs.checkpoints(output_dir)
+        raise ValueError(
+            f"--output_dir {output_dir} holds a run already ({', '.join(entry.name for entry in held[:6])}). Resume it "
+            f"with --resume_from_checkpoint latest{f' (its newest checkpoint is {found[-1].name})' if found else ''}, "
+            "choose another --output_dir, or give --overwrite_output_dir to remove that run's files and start anew")
+    if held:
+        removed = runs.clear_run(output_dir, args.logging_dir)
+        logger.warning("--overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(removed), output_dir)
+    return None, None
 
 
 def load_data(args, accelerator):
@@ -1032,8 +1102,38 @@ def load_data(args, accelerator):
     return train_dataloader, bad_rows
 
 
+def record_start(args, run):
+    """Step 3: the settings that define the run (runs.RUN_DEFINING, the model's fingerprint, the data's size, the
+    launch), compared with those the resumed checkpoint recorded (or, restarting a run that wrote no checkpoint, its
+    last start's). A difference stops the run, each one named, unless --allow_changed_settings. Then the start is
+    appended to run_history.jsonl, and the first start's flags written to training_config.json."""
+    accelerator, output_dir = run.accelerator, run.output_dir
+    if args.memory_budget or args.fill_inversion_cache:
+        return
+
+    def compare():
+        try:
+            size = len(run.dataloader.dataset)
+        except TypeError:  # a streamed dataset has no length
+            size = None
+        settings = runs.run_settings(args, accelerator.num_processes, accelerator.distributed_type,
+                                     accelerator.mixed_precision, size,
+                                     runs.model_fingerprint(args.pretrained_model_name_or_path, args.revision,
+                                                            args.cache_dir_model))
+        history = runs.read_history(output_dir)
+        recorded, where = runs.recorded_settings(run.resume_from, history)
+        changes = runs.check_settings(recorded, settings, where, output_dir, args.allow_changed_settings)
+        number = len(runs.starts(history)) + 1
+        start_step = runs.checkpoint_step(run.resume_from) if run.resume_from is not None else 0
+        runs.append_record(output_dir, runs.start_record(number, settings, changes, start_step, run.resume_from,
+                                                        runs.device_name(accelerator.device), runs.recorded_flags(args)))
+        return settings, number
+
+    run.settings, run.start_number = on_main_process(accelerator, compare)
+
+
 def place_models(args, run):
-    """Step 3: load the models; frozen text encoders and VAE on the device in their dtypes; the policy (full, or its
+    """Step 4: load the models; frozen text encoders and VAE on the device in their dtypes; the policy (full, or its
     base with LoRA adapters) on the device, checkpointed and with its attention backend; the inversion schedule, the
     loss weights, the training noise levels, and the trajectory cache."""
     from diffusers.training_utils import cast_training_params
@@ -1058,8 +1158,9 @@ def place_models(args, run):
     if kind == "flux" and not args.use_lora and not accelerator.is_fsdp2:
         logger.warning("full fine-tuning FLUX: its 12B transformer, a frozen reference copy and the optimiser state "
                        "do not fit one GPU; use --use_lora, or FSDP (docs/scaling.md, 'Scaling to several GPUs and machines')")
-    if accelerator.is_main_process:
-        (output_dir / "training_config.json").write_text(json.dumps({**vars(args), "model_kind": kind}, indent=2))
+    config = output_dir / runs.CONFIG_FILE
+    if accelerator.is_main_process and not config.exists():  # the first start's flags; later starts: the history
+        config.write_text(json.dumps({**runs.recorded_flags(args), "model_kind": kind}, indent=2))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae_dtype = weight_dtype if args.pretrained_vae_model_name_or_path else torch.float32
     denoiser = models["denoiser"]
@@ -1096,7 +1197,7 @@ def place_models(args, run):
 
 
 def memory_check(args, run):
-    """Step 4: the memory budget, stated before the reference loads (and --trajectory_chunk_size auto from it); the
+    """Step 5: the memory budget, stated before the reference loads (and --trajectory_chunk_size auto from it); the
     probe runs the model eagerly, so the model is compiled after it. True for --memory_budget: printed, stop."""
     accelerator = run.accelerator
     budget, run_shape, sizes = memory_plan(args, accelerator, run.kind, run.models, run.denoiser, run.prompt_encoder,
@@ -1115,7 +1216,7 @@ def memory_check(args, run):
 
 
 def prepare_optimisation(args, run):
-    """Step 5: the optimiser over the trainable parameters, the learning-rate schedule, accelerate's wrapping, the
+    """Step 6: the optimiser over the trainable parameters, the learning-rate schedule, accelerate's wrapping, the
     epochs, and the hooks that save and load the model in checkpoints."""
     from diffusers.optimization import get_scheduler
 
@@ -1151,7 +1252,7 @@ def prepare_optimisation(args, run):
 
 
 def prepare_reference(args, run):
-    """Step 6: the frozen reference (a separate copy, loaded now unless a trajectory cache may make it unnecessary;
+    """Step 7: the frozen reference (a separate copy, loaded now unless a trajectory cache may make it unnecessary;
     for LoRA the policy with its adapters off; on the device, no offloading per call), then --fill_inversion_cache
     (True: filled, stop), the hub repository, the trackers, and the state that checkpoints keep besides the model."""
     accelerator, denoiser, kind, output_dir = run.accelerator, run.denoiser, run.kind, run.output_dir
@@ -1187,33 +1288,22 @@ def prepare_reference(args, run):
 
 
 def resume(args, run):
-    """Step 7: with --resume_from_checkpoint, the checkpoint's state and the run's position (step, epoch, batch)."""
-    accelerator, output_dir, steps_per_epoch, lr_scheduler = run.accelerator, run.output_dir, run.steps_per_epoch, \
-        run.lr_scheduler
+    """Step 8: the checkpoint chosen in step 1 (if any): its state and the run's position (step, epoch, batch)."""
+    accelerator, steps_per_epoch, path = run.accelerator, run.steps_per_epoch, run.resume_from
     global_step, first_epoch, resume_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            found = completed_checkpoints(output_dir)
-            path = found[-1] if found else None
-        else:
-            path = Path(args.resume_from_checkpoint)
-            if not (path / CHECKPOINT_COMPLETE).is_file():
-                raise SystemExit(f"--resume_from_checkpoint {path}: not a completed checkpoint folder")
-        if path is None:
-            logger.info("no completed checkpoint in %s: starting a new run", output_dir)
-        else:
-            logger.info("resuming from %s", path)
-            accelerator.load_state(str(path))
-            set_peak_learning_rate(lr_scheduler, args.learning_rate)
-            global_step = int(CHECKPOINT_PATTERN.match(path.name).group(1))
-            if steps_per_epoch is not None:
-                first_epoch = global_step // steps_per_epoch
-                resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if path is not None:
+        logger.info("resuming from %s", path)
+        accelerator.load_state(str(path))
+        set_peak_learning_rate(run.lr_scheduler, args.learning_rate)
+        global_step = runs.checkpoint_step(path)
+        if steps_per_epoch is not None:
+            first_epoch = global_step // steps_per_epoch
+            resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     run.global_step, run.first_epoch, run.resume_batches = global_step, first_epoch, resume_batches
 
 
 def train(args, run):
-    """Step 8: the loop. Each micro-batch: the training step (training.py) under accumulation; each optimiser step:
+    """Step 9: the loop. Each micro-batch: the training step (training.py) under accumulation; each optimiser step:
     clipping, the update (skipped when not finite), its metrics row, checkpoints, validation."""
     from tqdm.auto import tqdm
 
@@ -1248,6 +1338,8 @@ def train(args, run):
             if epoch == first_epoch and resume_batches:
                 batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
             for batch in batches:
+                if global_step >= args.max_train_steps:  # also a run that resumed at its end: no step past it
+                    break
                 bad_rows.update(batch)
                 pairs = torch.tensor([len(batch["captions"])], device=accelerator.device)
                 if accelerator.gather(pairs).min() == 0:  # every process skips together, so DDP stays in step
@@ -1301,10 +1393,10 @@ def train(args, run):
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
                     with open(metrics_file, "a") as f:
-                        f.write(json_line({"step": global_step, **logs}))
+                        f.write(json_line({"step": global_step, "start": run.start_number, **logs}))
                 if too_many_nonfinite:
                     progress.close()
-                    last = completed_checkpoints(output_dir)
+                    last = runs.checkpoints(output_dir)
                     stop_run(accelerator, f"stopped at step {global_step}: {nonfinite.in_a_row} steps in a row had a "
                              f"non-finite loss or gradient (--max_nonfinite_steps {args.max_nonfinite_steps}). "
                              f"Each was skipped and nothing non-finite was saved; the last checkpoint is "
@@ -1316,7 +1408,7 @@ def train(args, run):
                 elif global_step % args.checkpointing_steps == 0:
                     require_finite_weights(accelerator, params, global_step, "checkpoint")
                     with phase("checkpoint save"):
-                        save_checkpoint(accelerator, args, global_step)
+                        save_checkpoint(accelerator, args, global_step, run.settings)
                 if args.validation_prompts and global_step % args.validation_steps == 0 and (
                         accelerator.is_main_process or accelerator.is_fsdp2):  # FSDP: each process has a shard
                     with phase("validation"):
@@ -1333,7 +1425,7 @@ def train(args, run):
 
 
 def save_outputs(args, run):
-    """Step 9: the final model (checked finite; gathered under FSDP), optionally the whole pipeline, the model card,
+    """Step 10: the final model (checked finite; gathered under FSDP), optionally the whole pipeline, the model card,
     and with --push_to_hub the upload."""
     accelerator, output_dir, kind, models = run.accelerator, run.output_dir, run.kind, run.models
     require_finite_weights(accelerator, run.params, run.global_step, "final model")
@@ -1347,6 +1439,8 @@ def save_outputs(args, run):
             build_pipeline(models, final_model, models["scheduler_config"]) \
                 .save_pretrained(output_dir)
         write_model_card(args, kind, output_dir)
+        if run.start_number is not None:
+            runs.append_record(output_dir, runs.end_record(run.start_number, run.global_step))
         logger.info("training finished after %d steps; output in %s", run.global_step, output_dir)
         if args.push_to_hub:
             upload_to_hub(args, output_dir, run.hub_repo)
