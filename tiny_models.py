@@ -63,20 +63,41 @@ T5_WIDTH = 64  # hidden size of the tiny T5 (the transformers' joint_attention_d
 MAX_TOKENS = 16  # tokenizer length; the real CLIP uses 77
 
 
-def _tokenizer(pad_token):
-    """A CLIP BPE tokenizer over single characters (no merges): every word splits into letters."""
+def _bpe(pieces, merges):
+    """Byte-pair encoding as CLIP's tokenizer applies it: the adjacent pair merged first, again and again, is the
+    one earliest in `merges`."""
+    ranks = {tuple(merge.split()): rank for rank, merge in enumerate(merges)}
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2:]]
+    return pieces
+
+
+def _tokenizer(pad_token, words=()):
+    """A CLIP BPE tokenizer over single characters: every word splits into letters, except `words`, whose merges
+    (each word's letters joined left to right) make each of them one token."""
     symbols = string.ascii_lowercase + string.digits + ".,!?'-"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for symbol in symbols:
         vocab.setdefault(symbol, len(vocab))
         vocab.setdefault(symbol + "</w>", len(vocab))
+    merges = []
+    for word in words:  # merge what BPE leaves of the word, with the merges so far, from the left
+        pieces = _bpe([*word[:-1], word[-1] + "</w>"], merges)
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
     with tempfile.TemporaryDirectory() as scratch:
         vocab_file = os.path.join(scratch, "vocab.json")
         merges_file = os.path.join(scratch, "merges.txt")
         with open(vocab_file, "w") as f:
             json.dump(vocab, f)
         with open(merges_file, "w") as f:
-            f.write("#version: 0.2\n")
+            f.write("#version: 0.2\n" + "".join(merge + "\n" for merge in merges))
         tokenizer = CLIPTokenizer(vocab_file, merges_file, pad_token=pad_token, model_max_length=MAX_TOKENS)
     return tokenizer
 
@@ -97,10 +118,12 @@ def _text_config(vocab_size, projection_dim=TEXT_WIDTH):
     )
 
 
-def _t5_tokenizer():
-    """A T5 unigram tokenizer over single characters, "▁" marking word starts, as T5's sentencepiece does."""
+def _t5_tokenizer(words=()):
+    """A T5 unigram tokenizer over single characters, "▁" marking word starts, as T5's sentencepiece does; each of
+    `words` is one piece."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
     pieces += [(symbol, -1.0) for symbol in string.ascii_lowercase + string.digits + ".,!?'-"]
+    pieces += [("▁" + word, -1.0) for word in words]
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
@@ -153,11 +176,12 @@ def _unet(cross_attention_dim, sdxl):
     )
 
 
-def build_tiny_sdxl(seed=0):
-    """A StableDiffusionXLPipeline with SDXL's structure: two CLIP encoders, a text_time UNet, an 8x VAE."""
+def build_tiny_sdxl(seed=0, words=()):
+    """A StableDiffusionXLPipeline with SDXL's structure: two CLIP encoders, a text_time UNet, an 8x VAE. `words`:
+    whole-word tokens (the compositional toy's vocabulary), else every word is spelt in letters."""
     torch.manual_seed(seed)
-    tokenizer = _tokenizer("<|endoftext|>")
-    tokenizer_2 = _tokenizer("!")
+    tokenizer = _tokenizer("<|endoftext|>", words)
+    tokenizer_2 = _tokenizer("!", words)
     text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(len(tokenizer_2)))
     return StableDiffusionXLPipeline(
@@ -188,11 +212,13 @@ def build_tiny_sd(seed=0):
     )
 
 
-def build_tiny_sd3(seed=0):
+def build_tiny_sd3(seed=0, words=()):
     """A StableDiffusion3Pipeline with SD3's structure: two CLIP encoders with projections, T5, a joint-attention
-    transformer over 2x2 patches of 16-channel latents (scaled and shifted), the shifted flow scheduler."""
+    transformer over 2x2 patches of 16-channel latents (scaled and shifted), the shifted flow scheduler. `words`:
+    whole-word tokens, as build_tiny_sdxl."""
     torch.manual_seed(seed)
-    tokenizer, tokenizer_2, tokenizer_3 = _tokenizer("<|endoftext|>"), _tokenizer("!"), _t5_tokenizer()
+    tokenizer, tokenizer_2 = _tokenizer("<|endoftext|>", words), _tokenizer("!", words)
+    tokenizer_3 = _t5_tokenizer(words)
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=T5_WIDTH, caption_projection_dim=32,

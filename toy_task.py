@@ -21,6 +21,8 @@ equal, gives the preference effect (METHOD.md section 6). Everything runs on a C
     python toy_task.py build OUT_DIR --task warmcool   # its base model and pairs (OUT_DIR/{model,pairs}_warmcool)
     python toy_task.py build OUT_DIR --kind sd3   # the same task for a rectified-flow (SD3-shaped) toy
     python toy_task.py evaluate OUT_DIR RUN   # preference rate of the base model and of a trained run (--task)
+    python toy_task.py build OUT_DIR --task compose [--kind sd3]   # the compositional toy (compose_toy.py):
+                                              # OUT_DIR/model_compose (model_compose_sd3), OUT_DIR/pairs_compose
 """
 
 import argparse
@@ -300,26 +302,29 @@ def lean_to_captions(x0, picks, latents, red, generator):
     return x0
 
 
-def train_unet(pipe, latents, steps, generator, progress, red=None):
+def train_unet(pipe, latents, steps, generator, progress, red=None, captions=None):
     """Denoiser training on the toy latents (epsilon prediction for the UNet; for the SD3-shaped flow, velocity
     prediction at its logit-normal training noise levels), each under a caption drawn independently of its colour,
     with 10% unconditional captions (zeros for SDXL, the empty caption for SD3, as their pipelines' guidance).
     With `red` (per latent, True for a red square), a caption of CAPTION_LEAN gets a red square with its
-    probability instead."""
-    cond, uncond = caption_conditioning(pipe, TRAINING_CAPTIONS)
-    choices = [cond.select(slice(k, k + 1)) for k in range(len(TRAINING_CAPTIONS))] + [uncond.select(slice(0, 1))]
+    probability instead. With `captions` (one per latent), each latent is trained under its own caption."""
+    names = sorted(set(captions)) if captions is not None else list(TRAINING_CAPTIONS)
+    cond, uncond = caption_conditioning(pipe, names)
+    choices = [cond.select(slice(k, k + 1)) for k in range(len(names))] + [uncond.select(slice(0, 1))]
+    own = torch.tensor([names.index(caption) for caption in captions]) if captions is not None else None
     flow = is_flow(pipe)
     levels = (flow_training_sigmas if flow else training_alphas)(pipe.scheduler.config)
     model = (pipe.transformer if flow else pipe.unet).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     batch_size = 64
     for step in progress(range(steps), desc="toy denoiser"):
-        x0 = latents[torch.randint(0, len(latents), (batch_size,), generator=generator)]
+        rows_drawn = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        x0 = latents[rows_drawn]
         noise = torch.randn(x0.shape, generator=generator)
         level, timesteps = draw_training_levels(levels, batch_size, flow, generator)
         drop = torch.rand(batch_size, generator=generator) < 0.1
-        picks = torch.randint(0, len(TRAINING_CAPTIONS), (batch_size,), generator=generator)
-        picks[drop] = len(TRAINING_CAPTIONS)
+        picks = torch.randint(0, len(names), (batch_size,), generator=generator) if own is None else own[rows_drawn]
+        picks[drop] = len(names)
         if red is not None:
             x0 = lean_to_captions(x0, picks, latents, red, generator)
         rows = type(cond).cat([choices[k] for k in picks.tolist()])
@@ -474,16 +479,22 @@ def main():
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build the toy model and the preference pairs (once)")
     build.add_argument("out_dir")
-    build.add_argument("--task", choices=TASKS, default="colour", help="which preference the pairs encode")
+    build.add_argument("--task", choices=[*TASKS, "compose"], default="colour",
+                       help="which preference the pairs encode (compose: the compositional toy, compose_toy.py)")
     build.add_argument("--kind", choices=["sdxl", "sd3"], default="sdxl", help="UNet toy, or rectified-flow toy")
-    build.add_argument("--vae_steps", type=int, default=200, help="training steps of the toy VAE (batch 32)")
-    build.add_argument("--unet_steps", type=int, default=700, help="training steps of the toy denoiser (batch 64)")
+    build.add_argument("--vae_steps", type=int, default=None,
+                       help="training steps of the toy VAE (batch 32; default 200, compose 300)")
+    build.add_argument("--unet_steps", type=int, default=None,
+                       help="training steps of the toy denoiser (batch 64; default 700, compose 4000)")
     evaluate = commands.add_parser("evaluate", help="preference rate before and after training")
     evaluate.add_argument("out_dir")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--samples", type=int, default=256)
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--task", choices=TASKS, default="colour", help="whose preferred colour is counted")
+    evaluate.add_argument("--task", choices=[*TASKS, "compose"], default="colour",
+                          help="whose preferred colour is counted (compose: compositional accuracy)")
+    evaluate.add_argument("--kind", choices=["sdxl", "sd3"], default="sdxl",
+                          help="compose: which toy's base model the run was trained from")
     args = parser.parse_args()
     try:
         run(args)
@@ -494,9 +505,11 @@ def main():
 
 def run(args):
     out_dir = Path(args.out_dir)
+    if args.task == "compose":
+        return run_compose(args, out_dir)
     if args.command == "build":
-        model = build_task_model(out_dir, args.task, kind=args.kind, vae_steps=args.vae_steps,
-                                 unet_steps=args.unet_steps)
+        model = build_task_model(out_dir, args.task, kind=args.kind, vae_steps=args.vae_steps or 200,
+                                 unet_steps=args.unet_steps or 700)
         print(f"toy model: {model}")
         print(f"preference pairs: {build_pairs(model_folder(out_dir, args.task, 'pairs'), task=args.task)}")
         return
@@ -517,6 +530,31 @@ def run(args):
     print(f"held-out denoising loss: base {results['base']['heldout_denoising_loss']:.4f}   "
           f"tuned {results['tuned']['heldout_denoising_loss']:.4f}")
     print(f"before/after grid (top row base, bottom row tuned): {grid_path}")
+
+
+def run_compose(args, out_dir):
+    """The compositional toy: its base model and pairs (build), or the compositional accuracy of the base model and
+    of a run on the trained and the held-out captions (evaluate)."""
+    import compose_toy
+
+    model = model_folder(out_dir, "compose" if args.kind == "sdxl" else f"compose_{args.kind}")
+    if args.command == "build":
+        steps = {"vae_steps": args.vae_steps or 300, "unet_steps": args.unet_steps or 4000}
+        print(f"toy model: {compose_toy.build_model(model, kind=args.kind, **steps)}")
+        print(f"preference pairs: {compose_toy.build_pairs(model_folder(out_dir, 'compose', 'pairs'))}")
+        return
+    trained, heldout = compose_toy.split_captions()
+    splits = {"heldout": heldout, "trained": trained[:: len(trained) // len(heldout)]}  # as many of each
+    per_caption = max(1, args.samples // len(heldout))
+    results = {}
+    for name, run_dir in (("base", None), ("tuned", args.run_dir)):
+        pipe = load_pipeline(model, run_dir)
+        results[name] = {split: compose_toy.accuracy(pipe, scenes, per_caption, seed=args.seed)
+                         for split, scenes in splits.items()}
+    (Path(args.run_dir) / "compositional_accuracy.json").write_text(json.dumps(results, indent=2))
+    print("compositional accuracy (samples that show exactly their caption's scene):")
+    for split in ("trained", "heldout"):
+        print(f"  {split:8s} base {results['base'][split]:.1%}   tuned {results['tuned'][split]:.1%}")
 
 
 if __name__ == "__main__":
