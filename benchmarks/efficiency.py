@@ -30,7 +30,11 @@ configuration (3 each, taking turns, no checkpoint before the last; the median),
 with whatever shares the machine.
 
     python benchmarks/efficiency.py --work_dir /tmp/efficiency         # the study (resumable: finished runs reused)
-    python benchmarks/efficiency.py --quick --work_dir /tmp/eff-quick   # smoke run of every stage, about 2 min
+    python benchmarks/efficiency.py --quick --work_dir /tmp/eff-quick   # smoke run of every stage, a few minutes
+
+--quick: rough toys, 2 steps, 1 seed, 2 candidates; its fills go two at a time, its runs are measured in the study's
+own process, and the timing of each configuration reads its candidate run's clock instead of training a timing run
+apart (a smoke run's seconds mean nothing).
 
 Writes benchmarks/results/efficiency.{md,json,png} (efficiency_quick.* for --quick): the tables, every run's
 measures and metrics, and the effect curves (against steps, pairs and seconds; one row per toy).
@@ -196,7 +200,10 @@ class Efficiency:
             record = {"spec": spec, "metrics": {str(m["step"]): m for m in metrics}, "measures": {}}
             record_path.write_text(json.dumps(record))
         missing = [key for key in self.wanted_measures(spec, stage) if key not in record["measures"]]
-        if missing:
+        if missing and self.quick:  # in this process (alignment.measured_here)
+            record["measures"].update(alignment.measured_here(measure, str(run_dir), missing, work))
+            record_path.write_text(json.dumps(record))
+        elif missing:
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
                    "MKL_NUM_THREADS": "1"}
             result = subprocess.run([sys.executable, __file__, "--measure", str(run_dir), "--work_dir", str(work),
@@ -212,6 +219,11 @@ class Efficiency:
         the last, so its clock runs through no save) and its cache misses; kept as a marker, the run removed."""
         name = f"{timing_key(spec)}-r{round_}"
         marker = self.toys[spec["toy"]].work / "timing" / f"{name}.json"
+        if self.quick:  # the smoke run trains no run apart: its configuration's candidate run's clock (seed 0, for)
+            run_dir = self.toys[spec["toy"]].work / "runs" / timing_key(spec)
+            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            return {"elapsed": {str(m["step"]): m["elapsed_s"] for m in metrics},
+                    "cache_misses": sum(misses(m) for m in metrics)}
         if not marker.is_file():
             run_dir = marker.with_suffix("")
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -412,7 +424,10 @@ def main():
     study = Efficiency(args.quick, work)
     for toy in study.toys.values():
         toy.setup(study.pairs, study.heldout_pairs, args.quick)
-    fill_seconds = {fill_key(*job): study.fill(job) for job in study.fills()}  # 1. fill, one at a time
+    # 1. fill, one at a time (the smoke run's, whose seconds mean nothing, `workers` at a time)
+    jobs = study.fills()
+    with ThreadPoolExecutor(args.workers if args.quick else 1) as pool:
+        fill_seconds = {fill_key(*job): seconds for job, seconds in zip(jobs, pool.map(study.fill, jobs))}
     print(f"caches filled: {', '.join(f'{k} {s:.0f} s' for k, s in fill_seconds.items())}", flush=True)
 
     specs = [study.spec(toy, ANCHORED, c) for toy in TOYS for c in study.candidates]  # 2. candidates

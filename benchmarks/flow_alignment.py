@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import startup  # noqa: E402,F401  (before diffusers: quiets two start-up warnings)
 
 import toy_task  # noqa: E402
-from alignment import RESULTS, fmt, interval, plot_effect, run_trainer  # noqa: E402
+from alignment import RESULTS, fmt, interval, measured_here, plot_effect, run_trainer  # noqa: E402
 
 GRID = {"inversion_dpo_x0": (5.0, 50.0, 500.0), "diffusion_dpo": (50.0, 500.0, 5000.0)}
 RULE = "inversion_dpo_x0_rule"  # the anchored form at the trainer's default beta rule (--relative_beta), untuned
@@ -93,15 +93,19 @@ class FlowStudy:
             if spec.get("anchor_points"):
                 flags += ["--anchor_points", spec["anchor_points"]]
             self.trainer(flags)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        result = subprocess.run([sys.executable, __file__, "--measure", str(run_dir), "--samples", str(self.samples),
-                                 "--work_dir", str(self.work)], cwd=ROOT, capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            raise RuntimeError(f"measuring {run_dir} failed:\n{result.stderr[-3000:]}")
+        if self.quick:  # in this process (alignment.measured_here)
+            measures = measured_here(lambda: print(json.dumps(measure(str(run_dir), self.samples, self.work))))
+        else:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            result = subprocess.run([sys.executable, __file__, "--measure", str(run_dir), "--samples",
+                                     str(self.samples), "--work_dir", str(self.work)], cwd=ROOT, capture_output=True,
+                                    text=True, env=env)
+            if result.returncode != 0:
+                raise RuntimeError(f"measuring {run_dir} failed:\n{result.stderr[-3000:]}")
+            measures = json.loads(result.stdout.strip().splitlines()[-1])
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         record = {"spec": spec, "seconds": {str(m["step"]): m["elapsed_s"] for m in metrics},
-                  "beta_used": metrics[-1].get("beta"),
-                  "final_loss": metrics[-1]["loss"], **json.loads(result.stdout.strip().splitlines()[-1])}
+                  "beta_used": metrics[-1].get("beta"), "final_loss": metrics[-1]["loss"], **measures}
         record_path.write_text(json.dumps(record))
         return record
 

@@ -117,10 +117,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="/tmp/inversion-dpo-alignment")
     parser.add_argument("--results_dir", default=str(RESULTS))
-    parser.add_argument("--quick", action="store_true", help="read the study's --quick results")
+    parser.add_argument("--quick", action="store_true",
+                        help="read the study's --quick results (the noising errors on 32 fresh squares per colour)")
     args = parser.parse_args()
     suffix = "_quick" if args.quick else ""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if args.quick else 2)  # the smoke run goes beside other work (the tests): one thread
     work, results = Path(args.work_dir), Path(args.results_dir)
     study = json.loads((results / f"alignment{suffix}.json").read_text())
     base = toy_task.load_pipeline(work / "toy" / "model")
@@ -142,7 +143,7 @@ def main():
         report[name] = {}
         for direction, run_dir in runs.items():
             pipe = toy_task.load_pipeline(work / "toy" / "model", run_dir)
-            entry = {"noising": colour_errors(pipe, base.unet)}
+            entry = {"noising": colour_errors(pipe, base.unet, count=32 if args.quick else 256)}
             if spec["loss"] in POINT:
                 entry.update(decompose(base, pipe.unet, spec, manifest))
             report[name][direction] = entry

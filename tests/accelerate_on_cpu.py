@@ -43,7 +43,9 @@ if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
     # on 2 cores, each clean machine); without it DeepSpeed's collectives go through torch.distributed on gloo
     import deepspeed.comm.torch  # noqa: E402
 
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    # the module from sys.modules: the attribute deepspeed.comm.torch is the torch library itself (deepspeed.comm
+    # imports torch after its submodule), so setting build_shm_op there left DeepSpeed compiling the kernel
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 sys.argv = sys.argv[1:]
 sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as if the script were run itself
 runpy.run_path(sys.argv[0], run_name="__main__")

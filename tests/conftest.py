@@ -72,3 +72,25 @@ def flux_pipe(tiny_flux_path):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: over about 20 s on the 2-core machine; `pytest -m 'not slow'` skips "
                                        "them for a quick inner loop (CI runs everything)")
+
+
+# the longest tests (minutes each on the 2-core machine): their modules start first of all
+LONGEST = ("test_efficiency.py::", "test_toy.py::test_alignment_study", "test_toy.py::test_flow_alignment",
+           "test_scaling.py::test_deepspeed")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The modules of the longest tests first, then the other modules with slow tests, then the rest; each module's
+    tests stay together and in their order (a module-scoped fixture is set up once per worker). With `-n 2` each
+    worker's first share of the tests is fixed at the start (every other test of the list): a minutes-long test drawn
+    near the end would run alone while the other worker idles."""
+    def rank(item):
+        if any(part in item.nodeid for part in LONGEST):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    modules = {}
+    for item in items:
+        modules[item.nodeid.split("::")[0]] = min(rank(item), modules.get(item.nodeid.split("::")[0], 2))
+    order = {module: position for position, module in enumerate(sorted(modules, key=modules.get))}
+    items[:] = sorted(items, key=lambda item: order[item.nodeid.split("::")[0]])

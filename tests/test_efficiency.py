@@ -22,7 +22,8 @@ def test_quick_efficiency_study_writes_its_tables(tmp_path):
                                                      ("inversion_dpo_x0/N10", "inversion_dpo_x0/N20",
                                                       "diffusion_dpo/N10"))
     assert summary["cold_runs"] == []  # every run trained from a warm cache
-    # the seconds come from one timing run per configuration and toy (the quick study's 3 configurations each)
+    # the seconds come from one timing per configuration and toy (the quick study's 3 configurations each; a quick
+    # run reads each configuration's candidate run instead of training a timing run apart)
     assert summary["timing_rounds"] == 1 and len(summary["timing"]) == 6
     for toy in ("colour", "flow"):
         rows = summary["report"][toy]
