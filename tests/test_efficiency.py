@@ -38,6 +38,7 @@ def test_quick_efficiency_study_writes_its_tables(tmp_path):
     markdown = (results / "efficiency_quick.md").read_text()
     for heading in ("1. Cache fills", "2. Candidates", "3. Report", "The goal", "End to end"):
         assert heading in markdown
-    assert "| colour | inversion_dpo_x0, M = 2 of N = 20, stratified |" in markdown
+    # which anchored candidate is chosen: in a quick run every effect is 0, so the fastest, which the load decides
+    assert "| colour | inversion_dpo_x0, " in markdown
     assert "| flow | diffusion_dpo | " in markdown
     assert (results / "efficiency_quick.png").stat().st_size > 0
