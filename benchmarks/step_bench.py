@@ -245,7 +245,7 @@ class Bench:
         return [m for m in (self.unwrapped, self.reference_unet) if m is not None]
 
     def trainer_args(self, num_steps, *extra):
-        from train_inversion_dpo import parse_args
+        from arguments import parse_args
 
         return parse_args(trainer_argv(self.kind, self.resolution, self.mode, self.chunk, num_steps, **self.loss)
                           + list(extra))
@@ -436,7 +436,7 @@ def failure_row(mode, n, stderr):
 def configuration_trainer_args(args, mode, n):
     """The trainer's arguments for one configuration, parsed and checked by the trainer's own parser (a bad
     combination, e.g. --loss_timesteps above N, exits here with its message, before any model is built)."""
-    from train_inversion_dpo import parse_args
+    from arguments import parse_args
 
     resolution = args.resolution or (64 if args.config.startswith("tiny") else 1024)
     return parse_args(trainer_argv(KINDS[args.config], resolution, mode, args.chunk, n, **loss_options(args)))

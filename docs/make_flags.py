@@ -24,7 +24,7 @@ def default_text(action):
 
 def flags_page():
     sys.path.insert(0, str(ROOT))
-    from train_inversion_dpo import build_parser
+    from arguments import build_parser
 
     parser = build_parser()
     lines = ["# Every flag of train_inversion_dpo.py", "",
