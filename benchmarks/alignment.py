@@ -525,23 +525,27 @@ def main():
     log("\n".join(lines))
 
 
+def base_measures(model, samples, task):
+    """Prints a base model's preference rate (report sampling seed) and held-out denoising loss as one JSON line."""
+    import toy_task
+
+    pipe = toy_task.load_pipeline(Path(model))
+    print(json.dumps({"rate": toy_task.preference_rate(pipe, samples, task, seed=REPORT_SEED),
+                      "heldout_loss": toy_task.heldout_denoising_loss(pipe, task=task)}))
+
+
 def measure_base(study):
-    """Per task: its base model's preference rate (report sampling seed) and held-out denoising loss."""
+    """Per task: base_measures of its base model (a quick run in this process, as measured_here says)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     base = {}
     for task in study.tasks:
         marker = study.work / f"base_{task}.json"
-        if not marker.is_file() and study.quick:  # in this process, as measured_here says
-            import toy_task
-
-            pipe = toy_task.load_pipeline(study.model(task))
-            marker.write_text(json.dumps({"rate": toy_task.preference_rate(pipe, study.samples, task, seed=REPORT_SEED),
-                                          "heldout_loss": toy_task.heldout_denoising_loss(pipe, task=task)}))
+        arguments = (str(study.model(task)), study.samples, task)
+        if not marker.is_file() and study.quick:
+            marker.write_text(json.dumps(measured_here(base_measures, *arguments)))
         elif not marker.is_file():
-            code = ("import json, toy_task; from pathlib import Path; p = toy_task.load_pipeline(Path(%r)); "
-                    "print(json.dumps({'rate': toy_task.preference_rate(p, %d, %r, seed=%d), "
-                    "'heldout_loss': toy_task.heldout_denoising_loss(p, task=%r)}))"
-                    % (str(study.model(task)), study.samples, task, REPORT_SEED, task))
+            code = "import sys; sys.path.insert(0, 'benchmarks'); import alignment; alignment.base_measures(*%r)" \
+                % (arguments,)
             result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
                                     check=True)
             marker.write_text(result.stdout.strip().splitlines()[-1])
