@@ -110,8 +110,8 @@ class Efficiency:
         # colour toy's trainer; flow_alignment.py's the flow toy's (T5 length, no weight decay)
         colour, flow = Study(quick, self.work / "colour"), FlowStudy(self.work / "flow", quick)
         self.toys = {
-            "colour": Toy("sdxl", colour, lambda flags, threads=1: colour.trainer(
-                ["--adam_weight_decay", "1e-2", *flags], "colour", threads)),
+            "colour": Toy("sdxl", colour, lambda flags, threads=1, cold=False: colour.trainer(
+                ["--adam_weight_decay", "1e-2", *flags], "colour", threads, cold)),
             "flow": Toy("sd3", flow, flow.trainer),
         }
         self.steps, self.every, self.batch = colour.steps, colour.every, colour.batch
@@ -167,7 +167,8 @@ class Efficiency:
             started = time.perf_counter()
             self.toys[toy].trainer(["--dataset_name", str(self.toys[toy].toy / "pairs_colour" / "pairs.jsonl"),
                                     "--loss_type", loss, *self.cache_flags(toy, loss, n, n), "--fill_inversion_cache",
-                                    "--output_dir", str(self.toys[toy].work / "fills" / f"{loss}-N{n}")])
+                                    "--output_dir", str(self.toys[toy].work / "fills" / f"{loss}-N{n}")],
+                                   cold=not self.quick)
             marker.write_text(json.dumps({"seconds": time.perf_counter() - started}))
         return json.loads(marker.read_text())["seconds"]
 

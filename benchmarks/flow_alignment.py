@@ -65,13 +65,14 @@ class FlowStudy:
             started = time.perf_counter()
             self.trainer(["--dataset_name", str(self.toy / "pairs" / "pairs.jsonl"), "--loss_type", "inversion_dpo_x0",
                           "--inversion_cache_dir", str(self.work / "cache"), "--inversion_cache_dtype", "float32",
-                          "--fill_inversion_cache", "--output_dir", str(self.work / "fill")], threads=None)
+                          "--fill_inversion_cache", "--output_dir", str(self.work / "fill")], threads=None,
+                         cold=not self.quick)
             marker.write_text(json.dumps({"seconds": time.perf_counter() - started}))
         return build_seconds, json.loads(marker.read_text())["seconds"]
 
-    def trainer(self, flags, threads=1):
+    def trainer(self, flags, threads=1, cold=False):
         run_trainer(self.toy / "model", ["--max_sequence_length", str(toy_task.MAX_TOKENS), "--train_batch_size", "8",
-                                         "--adam_weight_decay", "0", *flags], threads)
+                                         "--adam_weight_decay", "0", *flags], threads, cold)
 
     def run(self, spec):
         """Train one run unless it finished before, measure it in a one-thread subprocess; returns its record."""

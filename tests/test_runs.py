@@ -4,14 +4,13 @@ output folder, the run history, checkpoints checked against their records, and e
 import json
 import logging
 import shutil
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
 import runs
-from test_train import SCRIPT, base_args, launch, pairs_dir, read_metrics  # noqa: F401  (pairs_dir: a fixture)
+from test_train import base_args, launch, pairs_dir, read_metrics  # noqa: F401  (pairs_dir: a fixture)
 
 # ---------------------------------------------------------------------------------------------------------------
 # runs.py on its own
@@ -173,11 +172,6 @@ def test_clearing_a_run_removes_what_a_run_writes_and_nothing_else(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# The script without a launcher (launching is tested in test_train.py): quicker, and the stderr of a run that stops
-# holds its own message and no launcher's traceback.
-DIRECT = [sys.executable, SCRIPT]
-
-
 def history(output_dir):
     return runs.read_history(output_dir)
 
@@ -193,7 +187,7 @@ def test_resuming_trains_exactly_the_steps_asked_for_and_refuses_changed_setting
 
     def train(*extra, check=True, processes=1):
         return launch(base_args(tiny_sdxl_path, pairs_dir, out, "--checkpointing_steps", "1", *extra),
-                      check=check, processes=processes, launcher=DIRECT)
+                      check=check, processes=processes)
 
     # from step 0: exactly --max_train_steps steps
     train()
@@ -251,14 +245,12 @@ def test_resuming_trains_exactly_the_steps_asked_for_and_refuses_changed_setting
 @pytest.mark.slow
 def test_one_run_per_output_folder_and_damaged_checkpoints(tiny_sdxl_path, pairs_dir, tmp_path):
     out = tmp_path / "run"
-    launch(base_args(tiny_sdxl_path, pairs_dir, out, "--checkpointing_steps", "1", "--max_train_steps", "3"),
-           launcher=DIRECT)
+    launch(base_args(tiny_sdxl_path, pairs_dir, out, "--checkpointing_steps", "1", "--max_train_steps", "3"))
     (out / "notes.txt").write_text("mine")
 
     # a new run into the folder: stopped, told how to resume it or where else to go
     before = snapshot(out)
-    result = launch(base_args(tiny_sdxl_path, pairs_dir, out, "--loss_type", "diffusion_dpo"), check=False,
-                    launcher=DIRECT)
+    result = launch(base_args(tiny_sdxl_path, pairs_dir, out, "--loss_type", "diffusion_dpo"), check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "holds a run already" in result.stderr and "checkpoint-3" in result.stderr
     assert "--resume_from_checkpoint latest" in result.stderr and "--overwrite_output_dir" in result.stderr
@@ -268,18 +260,18 @@ def test_one_run_per_output_folder_and_damaged_checkpoints(tiny_sdxl_path, pairs
     weights = out / "checkpoint-3" / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     result = launch(base_args(tiny_sdxl_path, pairs_dir, tmp_path / "other", "--resume_from_checkpoint",
-                              str(out / "checkpoint-3")), check=False, launcher=DIRECT)
+                              str(out / "checkpoint-3")), check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "checkpoint-3 is damaged: unet/diffusion_pytorch_model.safetensors has 1000 bytes" in result.stderr
     result = launch(base_args(tiny_sdxl_path, pairs_dir, out, "--checkpointing_steps", "1", "--max_train_steps", "4",
-                              "--resume_from_checkpoint", "latest"), launcher=DIRECT)
+                              "--resume_from_checkpoint", "latest"))
     assert "checkpoint-3 is damaged" in result.stderr and "resuming from" in result.stderr
     assert [row["step"] for row in read_metrics(out)] == [1, 2, 3, 3, 4]  # step 3 again, from checkpoint-2
     assert runs.checkpoint_problems(out / "checkpoint-3") == []  # written anew
 
     # --overwrite_output_dir: the old run's files go first, the user's stay
     launch(base_args(tiny_sdxl_path, pairs_dir, out, "--loss_type", "diffusion_dpo", "--overwrite_output_dir",
-                     "--max_train_steps", "1", "--checkpointing_steps", "1"), launcher=DIRECT)
+                     "--max_train_steps", "1", "--checkpointing_steps", "1"))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert [row["step"] for row in read_metrics(out)] == [1]
     assert [record.get("start") for record in history(out)][0] == 1

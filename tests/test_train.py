@@ -1,4 +1,5 @@
-"""train_inversion_dpo.py end to end on the tiny models, launched as a user launches it."""
+"""train_inversion_dpo.py end to end on the tiny models: forked from a process that imported the libraries once
+(`launch`), and launched as a user launches it (accelerate, torchrun, sdxl.sh) where the launch itself is tested."""
 
 import json
 import os
@@ -41,10 +42,44 @@ def base_args(model, pairs_dir, output_dir, *extra):
             "--adam_weight_decay", "0", "--report_to", "none", "--seed", "0", *extra]
 
 
-def launch(args, processes=1, check=True, extra_env=None, timeout=600, launcher=None):
-    """Run the trainer as a user does; on timeout it is killed with every process it started (torchrun starts its
-    workers in sessions of their own, so they are found as descendants, not by process group). `launcher`: the
-    command before `args`, instead of accelerate (one process) or torchrun (several)."""
+# What `accelerate launch --cpu --num_processes 1 --mixed_precision no --dynamo_backend no` sets for its process
+ONE_PROCESS_ENV = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO",
+                   "ACCELERATE_DYNAMO_MODE": "default", "ACCELERATE_DYNAMO_USE_FULLGRAPH": "False",
+                   "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "False"}
+_forked = None
+
+
+def forked_runs():
+    """This test process's ForkedRuns (started on first use; its server imports the libraries once for every run)."""
+    global _forked
+    if _forked is None:
+        import atexit
+
+        from forked_runs import ForkedRuns
+
+        _forked = ForkedRuns(ENV, cwd=ROOT)
+        atexit.register(_forked.close)
+    return _forked
+
+
+def launch(args, processes=1, check=True, extra_env=None, timeout=600, launcher=None, cold=False):
+    """Run the trainer: by default forked from a process that imported the libraries once (forked_runs.py: the
+    environment `accelerate launch` gives one CPU process, or torchrun's variables for several), which the tests
+    cannot tell from a launch but for the seconds. `cold` (or `extra_env`, which the libraries may read at import):
+    launched as a user launches it, with accelerate (one process) or torchrun (several), killed with every process it
+    started on timeout (torchrun starts its workers in sessions of their own, so they are found as descendants, not
+    by process group). `launcher`: the command before `args` instead."""
+    if launcher is None and not cold and not extra_env:
+        env = ONE_PROCESS_ENV if processes == 1 else {"ACCELERATE_USE_CPU": "true"}
+        result = forked_runs().run([SCRIPT, *args], env=env, processes=processes, timeout=timeout)
+    else:
+        result = _launch_cold(args, processes, extra_env, timeout, launcher)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def _launch_cold(args, processes, extra_env, timeout, launcher):
     if launcher is not None:
         command, env = [*launcher, *args], {**ENV, **(extra_env or {})}
     elif processes == 1:
@@ -65,10 +100,7 @@ def launch(args, processes=1, check=True, extra_env=None, timeout=600, launcher=
             child.kill()
         stdout, stderr = process.communicate()
         raise subprocess.TimeoutExpired(command, timeout, stdout, stderr) from None
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def unet_weights(folder):
@@ -365,7 +397,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sdxl_pa
     one, two = tmp_path / "one", tmp_path / "two"
     launch(base_args(tiny_sdxl_path, pairs_dir, one, *args, "--train_batch_size", "2"))
     try:
-        launch(base_args(tiny_sdxl_path, pairs_dir, two, *args, "--train_batch_size", "1"), processes=2, timeout=240)
+        launch(base_args(tiny_sdxl_path, pairs_dir, two, *args, "--train_batch_size", "1"), processes=2, timeout=240,
+               cold=True)  # torchrun itself: the launch users make
     except subprocess.TimeoutExpired as hang:
         # Before end_processes() a process could hang at exit (a GIL deadlock in the process group's destructor,
         # about one run in three on a loaded CPU). Should a run still stall, it is retried once and its last output
@@ -373,7 +406,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sdxl_pa
         warnings.warn(f"two-process run stalled for {hang.timeout} s; retried. Its last output:\n"
                       f"{(hang.stderr or '')[-3000:]}")
         shutil.rmtree(two, ignore_errors=True)
-        launch(base_args(tiny_sdxl_path, pairs_dir, two, *args, "--train_batch_size", "1"), processes=2, timeout=240)
+        launch(base_args(tiny_sdxl_path, pairs_dir, two, *args, "--train_batch_size", "1"), processes=2, timeout=240,
+               cold=True)  # torchrun itself: the launch users make
     base, single, double = unet_weights(tiny_sdxl_path), unet_weights(one), unet_weights(two)
     assert max((single[name] - base[name]).abs().max() for name in base) > 1e-5
     for name in single:
