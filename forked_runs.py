@@ -69,6 +69,8 @@ class ForkedRuns:
                     self._free.append(server)
                 else:
                     self._all.remove(server)
+            if not server.alive():
+                server.close()
 
     def close(self):
         with self._lock:
@@ -84,28 +86,47 @@ class ForkedRuns:
         self.close()
 
 
+_SHARED, _SHARED_LOCK = {}, threading.Lock()
+
+
+def shared(key, env, cwd=ROOT):
+    """This process's ForkedRuns for `key`, started with `env` on first use and closed at exit (one per environment
+    the libraries must read at import, such as a thread count)."""
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            import atexit
+
+            _SHARED[key] = ForkedRuns(env, cwd=cwd)
+            atexit.register(_SHARED[key].close)
+        return _SHARED[key]
+
+
 class _Server:
     def __init__(self, env, cwd, preload):
         self.log = tempfile.NamedTemporaryFile(prefix="forked-runs-server-", suffix=".log", delete=False)
         self.process = subprocess.Popen([sys.executable, __file__, "--serve", *preload], cwd=cwd, env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.count = 0
+        self.count, self.buffer = 0, b""
 
     def alive(self):
         return self.process.poll() is None
 
     def _reply(self, deadline):
-        """The server's next line (a JSON object); None when `deadline` (time.monotonic()) passes first."""
-        while True:
+        """The server's next line (a JSON object); None when `deadline` (time.monotonic()) passes first. Read with
+        os.read into a buffer of its own: a buffered reader could hold a second line that select() no longer sees."""
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self.buffer:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not select.select([self.process.stdout], [], [], wait)[0]:
+            if not select.select([fd], [], [], wait)[0]:
                 return None
-            line = self.process.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 self.log.flush()
                 raise RuntimeError(f"the forked-runs server ended ({self.process.wait()}); its log: "
                                    f"{Path(self.log.name).read_text()[-3000:]}")
-            return json.loads(line)
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
 
     def run(self, argv, env, cwd, processes, timeout, outputs):
         self.count += 1
@@ -117,7 +138,8 @@ class _Server:
         deadline = None if timeout is None else time.monotonic() + timeout
         reply = self._reply(deadline)
         if reply is None:  # too long: the children and whatever they started go, then the server reports them
-            _kill_trees(pids)
+            for pid in pids:
+                kill_tree(pid)
             self._reply(None)
         stdout, stderr = (path.read_text(errors="replace") if path.exists() else "" for path in (out, err))
         for path in (out, err):
@@ -139,16 +161,17 @@ class _Server:
         os.unlink(self.log.name)
 
 
-def _kill_trees(pids):
+def kill_tree(pid):
+    """Kill a process and every process it started (torchrun starts its workers in sessions of their own, so they
+    are found as descendants, not by process group)."""
     import psutil  # a dependency of accelerate
 
-    for pid in pids:
-        try:
-            parent = psutil.Process(pid)
-            for process in [*parent.children(recursive=True), parent]:
-                process.kill()
-        except psutil.NoSuchProcess:
-            pass
+    try:
+        parent = psutil.Process(pid)
+        for process in [*parent.children(recursive=True), parent]:
+            process.kill()
+    except psutil.NoSuchProcess:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,11 +195,9 @@ def _serve(preload):
     for line in requests:
         request = json.loads(line)
         n = request["processes"]
+        port = str(_free_port()) if n > 1 else None
         ranks = [dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())) for r in range(n)] if n > 1 else [{}]
-        if n > 1:
-            for extra in ranks[1:]:
-                extra["MASTER_PORT"] = ranks[0]["MASTER_PORT"]
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for r in range(n)] if n > 1 else [{}]
         pids = []
         sys.stdout.flush()
         sys.stderr.flush()

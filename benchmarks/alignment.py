@@ -210,26 +210,12 @@ def run_trainer(model, flags, threads=1, cold=False):
             env.pop(name, None)
     if cold:
         result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, env=env)
-    else:
-        result = _forked_runs(threads, env).run(command)
+    else:  # one server per thread count: OpenMP reads its count when torch is imported
+        import forked_runs
+
+        result = forked_runs.shared(threads, env, cwd=ROOT).run(command)
     if result.returncode != 0:
         raise RuntimeError(f"training failed: {' '.join(result.args)}\n{result.stderr[-3000:]}")
-
-
-_FORKED, _FORKED_LOCK = {}, threading.Lock()
-
-
-def _forked_runs(threads, env):
-    """One ForkedRuns per thread count (OpenMP reads its count when torch is imported), closed at exit."""
-    with _FORKED_LOCK:
-        if threads not in _FORKED:
-            import atexit
-
-            from forked_runs import ForkedRuns
-
-            _FORKED[threads] = ForkedRuns(env, cwd=ROOT)
-            atexit.register(_FORKED[threads].close)
-        return _FORKED[threads]
 
 
 def name_of(spec):

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import forked_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train_inversion_dpo.py")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -46,32 +48,16 @@ def base_args(model, pairs_dir, output_dir, *extra):
 ONE_PROCESS_ENV = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO",
                    "ACCELERATE_DYNAMO_MODE": "default", "ACCELERATE_DYNAMO_USE_FULLGRAPH": "False",
                    "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "False"}
-_forked = None
-
-
-def forked_runs():
-    """This test process's ForkedRuns (started on first use; its server imports the libraries once for every run)."""
-    global _forked
-    if _forked is None:
-        import atexit
-
-        from forked_runs import ForkedRuns
-
-        _forked = ForkedRuns(ENV, cwd=ROOT)
-        atexit.register(_forked.close)
-    return _forked
-
-
 def launch(args, processes=1, check=True, extra_env=None, timeout=600, launcher=None, cold=False):
     """Run the trainer: by default forked from a process that imported the libraries once (forked_runs.py: the
     environment `accelerate launch` gives one CPU process, or torchrun's variables for several), which the tests
     cannot tell from a launch but for the seconds. `cold` (or `extra_env`, which the libraries may read at import):
     launched as a user launches it, with accelerate (one process) or torchrun (several), killed with every process it
-    started on timeout (torchrun starts its workers in sessions of their own, so they are found as descendants, not
-    by process group). `launcher`: the command before `args` instead."""
+    started on timeout. `launcher`: the command before `args` instead."""
     if launcher is None and not cold and not extra_env:
         env = ONE_PROCESS_ENV if processes == 1 else {"ACCELERATE_USE_CPU": "true"}
-        result = forked_runs().run([SCRIPT, *args], env=env, processes=processes, timeout=timeout)
+        result = forked_runs.shared("tests", ENV, cwd=ROOT).run([SCRIPT, *args], env=env, processes=processes,
+                                                                 timeout=timeout)
     else:
         result = _launch_cold(args, processes, extra_env, timeout, launcher)
     if check and result.returncode != 0:
@@ -94,10 +80,7 @@ def _launch_cold(args, processes, extra_env, timeout, launcher):
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        import psutil  # a dependency of peft
-
-        for child in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
-            child.kill()
+        forked_runs.kill_tree(process.pid)
         stdout, stderr = process.communicate()
         raise subprocess.TimeoutExpired(command, timeout, stdout, stderr) from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
